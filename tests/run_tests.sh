@@ -1,0 +1,262 @@
+#!/usr/bin/env bash
+# The test suite behind `make test`. Every check prints "PASS name: detail" or "FAIL name: detail";
+# the last line is "N passed, M failed" and the exit status is 1 when anything failed.
+#
+#   1. the data script and the PyTorch reference check themselves (tests/test_data.py,
+#      tests/test_reference.py)
+#   2. the CPU twin against PyTorch autograd, config by config (test_moe_cpu reference)
+#   3. exact invariants (test_moe_cpu invariants)
+#   4. whole runs: the same seed is bit-identical (also across thread counts), resume is
+#      bit-identical, checkpoints round-trip through the reference
+#   5. bad input: one clear error line, exit 1, no crash, nothing half-written
+#   6. the CUDA targets (tests/gpu_tests.sh): built with nvcc; run only where a GPU is
+set -u
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+TMP=$(mktemp -d /tmp/moe_tests.XXXXXX)
+trap 'rm -rf "$TMP"' EXIT
+passed=0
+failed=0
+
+# a Python that has torch: the one on PATH, else Debian's
+if [ -z "${PYTHON:-}" ]; then
+    for candidate in python3 /usr/bin/python3; do
+        if "$candidate" -c "import torch, numpy" 2>/dev/null; then PYTHON=$candidate; break; fi
+    done
+fi
+PYTHON=${PYTHON:-python3}
+
+pass() { echo "PASS $1: $2"; passed=$((passed + 1)); }
+fail() { echo "FAIL $1: $2"; failed=$((failed + 1)); }
+
+# Runs a program that prints PASS/FAIL lines and counts them. A program that fails without
+# saying what (a crash, a missing file) counts as one failure under `name`.
+run_checks() {
+    local name=$1; shift
+    local out=$TMP/$name.out
+    "$@" > "$out" 2>&1
+    local rc=$?
+    grep -E '^(PASS|FAIL) ' "$out"
+    local p f
+    p=$(grep -c '^PASS ' "$out")
+    f=$(grep -c '^FAIL ' "$out")
+    passed=$((passed + p))
+    failed=$((failed + f))
+    if [ "$rc" -ne 0 ] && [ "$f" -eq 0 ]; then
+        fail "$name" "exit status $rc: $(tail -n 5 "$out" | tr '\n' ' ')"
+    fi
+}
+
+echo "== building"
+if ! make -s train_moe_cpu test_moe_cpu > "$TMP/build.out" 2>&1; then
+    cat "$TMP/build.out"
+    fail build "make train_moe_cpu test_moe_cpu failed"
+    echo "$passed passed, $failed failed"
+    exit 1
+fi
+pass build "train_moe_cpu and test_moe_cpu"
+
+echo "== the data script and the PyTorch reference"
+run_checks data "$PYTHON" tests/test_data.py
+if ! "$PYTHON" -c "import torch" 2>/dev/null; then
+    fail pytorch "no Python with torch found (install python3-torch; see .ci/run)"
+fi
+run_checks reference_self "$PYTHON" tests/test_reference.py
+
+echo "== the CPU twin against PyTorch autograd"
+REF="$PYTHON dev/train_moe.py"
+DENSE=$TMP/dense.bin
+SHARD=$TMP/shard.bin
+$REF make-dense --model 4:32:4:16 --vocab 100 --seed 7 --jitter 0.05 -o "$DENSE" > "$TMP/make.out" 2>&1 &&
+$REF make-shard --vocab 100 --tokens 4096 --seed 3 -o "$SHARD" >> "$TMP/make.out" 2>&1 ||
+    fail make_test_model "$(tail -n 3 "$TMP/make.out" | tr '\n' ' ')"
+
+GEOMETRY="-b 4 -t 16"
+# --eps 1e-6: AdamW turns gradients at the level of round-off (e.g. the key bias, whose exact gradient
+# is 0) into steps of lr * g / eps; a larger eps keeps those below the comparison tolerance
+OPTIM="-l 1e-3 -c 0.1 --eps 1e-6"
+# name | options shared by the reference and the twin
+CONFIGS=(
+    "dense|-e 1 $OPTIM"
+    "e4_k2_renorm1_every2|-e 4 -k 2 --renorm 1 --moe-layers every2 $OPTIM"
+    "e8_k2_renorm0_aux_z|-e 8 -k 2 --renorm 0 --aux-loss 0.01 --z-loss 0.001 $OPTIM"
+    "e8_k2_capacity1_drops|-e 8 -k 2 --capacity-factor 1.0 $OPTIM"
+    "e8_k2_capacity0.75_score|-e 8 -k 2 --capacity-factor 0.75 --capacity-priority score --moe-layers all $OPTIM"
+    "e4_k2_drop_r0.5|-e 4 -k 2 --init drop --drop-ratio 0.5 $OPTIM"
+    "e4_k2_drop_r0.25_independent|-e 4 -k 2 --init drop --drop-ratio 0.25 --drop-mode independent --moe-layers last2 $OPTIM"
+    "e8_k2_granularity2|-e 8 -k 2 --granularity 2 $OPTIM"
+    "e4_k1_renorm0|-e 4 -k 1 --renorm 0 $OPTIM"
+    "e4_expert_choice|-e 4 -k 2 --router expert $OPTIM"
+    "e4_k2_noise|-e 4 -k 2 --init noise --moe-layers 0,2 $OPTIM"
+    "e4_k2_scratch_wsd|-e 4 -k 2 --init scratch --lr-schedule wsd -u 1 --decay-frac 0.4 $OPTIM"
+)
+for entry in "${CONFIGS[@]}"; do
+    name=${entry%%|*}
+    options=${entry#*|}
+    state=$TMP/$name.state
+    model=$TMP/$name.ref.bin
+    # shellcheck disable=SC2086
+    if ! $REF debug -m "$DENSE" -i "$SHARD" $GEOMETRY --steps 5 --state "$state" --write-model "$model" $options > "$TMP/$name.ref.out" 2>&1; then
+        fail "$name" "the reference failed: $(tail -n 3 "$TMP/$name.ref.out" | tr '\n' ' ')"
+        continue
+    fi
+    # shellcheck disable=SC2086
+    run_checks "$name" ./test_moe_cpu reference "$name" "$state" "$model" -- -m "$DENSE" -i "$SHARD" $GEOMETRY $options
+done
+
+echo "== invariants"
+run_checks invariants ./test_moe_cpu invariants "$DENSE" "$SHARD" "$TMP"
+
+echo "== whole runs"
+TRAIN="./train_moe_cpu -m $DENSE -i $SHARD -j $SHARD $GEOMETRY -s 0 -v 4 --val-steps 2 --stats-every 4 -l 1e-3"
+MOE="-e 8 -k 2 --init drop --capacity-factor 1.25 --z-loss 0.001"
+# shellcheck disable=SC2086
+$TRAIN $MOE -x 8 -o "$TMP/run_a" > "$TMP/run_a.out" 2>&1
+# shellcheck disable=SC2086
+OMP_NUM_THREADS=1 $TRAIN $MOE -x 8 -o "$TMP/run_b" > "$TMP/run_b.out" 2>&1
+if cmp -s "$TMP/run_a/model_00000008.bin" "$TMP/run_b/model_00000008.bin" &&
+   cmp -s "$TMP/run_a/state_00000008.bin" "$TMP/run_b/state_00000008.bin" &&
+   cmp -s "$TMP/run_a/main.log" "$TMP/run_b/main.log"; then
+    pass same_seed_runs_are_bit_identical "8 MoE steps, 2 threads vs 1 thread: model, optimizer state and main.log identical"
+else
+    fail same_seed_runs_are_bit_identical "the two runs differ (or did not finish: $(tail -n 2 "$TMP/run_a.out" | tr '\n' ' '))"
+fi
+# shellcheck disable=SC2086
+$TRAIN $MOE -x 8 --seed 1338 -o "$TMP/run_c" > "$TMP/run_c.out" 2>&1
+if [ -f "$TMP/run_c/model_00000008.bin" ] && ! cmp -s "$TMP/run_a/model_00000008.bin" "$TMP/run_c/model_00000008.bin"; then
+    pass another_seed_gives_another_model "--seed 1338 re-draws the dropped units and the router"
+else
+    fail another_seed_gives_another_model "a different seed gave the same model (or the run failed)"
+fi
+
+# resume: stop at step 4, continue to 8, compare with the straight run
+# shellcheck disable=SC2086
+$TRAIN $MOE -x 8 -n 4 -o "$TMP/run_full" > "$TMP/run_full.out" 2>&1
+mkdir -p "$TMP/run_resumed"
+cp "$TMP/run_full/model_00000004.bin" "$TMP/run_full/state_00000004.bin" "$TMP/run_full/DONE_00000004" "$TMP/run_resumed/" 2>/dev/null
+# shellcheck disable=SC2086
+$TRAIN $MOE -x 8 -n 4 -y 1 -o "$TMP/run_resumed" > "$TMP/run_resumed.out" 2>&1
+grep -E '^step +[5-8]/' "$TMP/run_full.out" | sed 's/| [0-9.]* ms.*//' > "$TMP/full_steps"
+grep -E '^step +[5-8]/' "$TMP/run_resumed.out" | sed 's/| [0-9.]* ms.*//' > "$TMP/resumed_steps"
+if cmp -s "$TMP/run_full/model_00000008.bin" "$TMP/run_resumed/model_00000008.bin" &&
+   cmp -s "$TMP/run_full/state_00000008.bin" "$TMP/run_resumed/state_00000008.bin" &&
+   [ -s "$TMP/full_steps" ] && cmp -s "$TMP/full_steps" "$TMP/resumed_steps"; then
+    pass resume_is_bit_identical "resumed at step 4: model, optimizer state and the printed losses of steps 5-8 identical"
+else
+    fail resume_is_bit_identical "resumed run differs (or failed: $(tail -n 2 "$TMP/run_resumed.out" | tr '\n' ' '))"
+fi
+
+# -e 1 writes llm.c's model file; the engine's MoE checkpoint is read by the reference
+# shellcheck disable=SC2086
+./train_moe_cpu -m "$DENSE" -i "$SHARD" -j "$SHARD" $GEOMETRY -s 0 -e 1 -x 2 -o "$TMP/run_dense" > "$TMP/run_dense.out" 2>&1
+magic=$(od -An -t d4 -N 8 "$TMP/run_dense/model_00000002.bin" 2>/dev/null | tr -s ' ')
+if [ "$magic" = " 20240326 3" ]; then
+    pass dense_run_writes_llmc_checkpoint "model_00000002.bin: magic 20240326, version 3"
+else
+    fail dense_run_writes_llmc_checkpoint "header starts with '$magic'"
+fi
+for pair in "dense_checkpoint_roundtrip|$TMP/run_dense/model_00000002.bin|-e 1" "moe_checkpoint_roundtrip|$TMP/run_a/model_00000008.bin|"; do
+    IFS='|' read -r name model options <<< "$pair"
+    # shellcheck disable=SC2086
+    if $REF debug -m "$model" -i "$SHARD" $GEOMETRY --steps 2 --state "$TMP/$name.state" --write-model "$TMP/$name.ref.bin" $options $OPTIM > "$TMP/$name.ref.out" 2>&1; then
+        # shellcheck disable=SC2086
+        run_checks "$name" ./test_moe_cpu reference "$name" "$TMP/$name.state" "$TMP/$name.ref.bin" -- -m "$model" -i "$SHARD" $GEOMETRY $options $OPTIM
+    else
+        fail "$name" "the reference could not read the engine's checkpoint: $(tail -n 2 "$TMP/$name.ref.out" | tr '\n' ' ')"
+    fi
+done
+
+echo "== bad input"
+BAD=$TMP/bad
+mkdir -p "$BAD" "$BAD/out"
+# expect_error NAME PATTERN command...: exit status 1, exactly one "error:" line matching PATTERN
+expect_error() {
+    local name=$1 pattern=$2; shift 2
+    timeout 60 "$@" > "$BAD/stdout" 2> "$BAD/stderr"
+    local rc=$?
+    local line
+    line=$(grep '^error: ' "$BAD/stderr" | head -n 1)
+    if [ "$rc" -eq 1 ] && [ "$(grep -c '^error: ' "$BAD/stderr")" -eq 1 ] && grep -qi -- "$pattern" <<< "$line"; then
+        pass "$name" "exit 1, ${line:0:160}"
+    else
+        fail "$name" "exit status $rc (want 1 and an error matching '$pattern'): $(tail -c 300 "$BAD/stderr" | tr '\n' ' ')"
+    fi
+}
+# corrupt copies of the test model: put_int FILE SLOT VALUE overwrites one header slot
+put_int() { printf "$(printf '\\x%02x\\x%02x\\x%02x\\x%02x' $(($3 & 255)) $((($3 >> 8) & 255)) $((($3 >> 16) & 255)) $((($3 >> 24) & 255)))" | dd of="$1" bs=4 seek="$2" conv=notrunc status=none; }
+RUN="./train_moe_cpu -i $SHARD -j $SHARD $GEOMETRY -x 1 -s 0 -o $BAD/out"
+head -c 5000 "$DENSE" > "$BAD/truncated.bin"
+head -c 100 "$DENSE" > "$BAD/tiny.bin"
+: > "$BAD/empty.bin"
+cp "$DENSE" "$BAD/magic.bin"; put_int "$BAD/magic.bin" 0 12345
+cp "$DENSE" "$BAD/version.bin"; put_int "$BAD/version.bin" 1 4
+cp "$DENSE" "$BAD/layers.bin"; put_int "$BAD/layers.bin" 4 5
+cp "$DENSE" "$BAD/huge.bin"; put_int "$BAD/huge.bin" 6 1000000000
+cp "$DENSE" "$BAD/heads.bin"; put_int "$BAD/heads.bin" 5 3
+cp "$DENSE" "$BAD/nan.bin"; printf '\x00\x00\xc0\x7f' | dd of="$BAD/nan.bin" bs=1 seek=2000 conv=notrunc status=none
+cp "$TMP/run_a/model_00000008.bin" "$BAD/moe_flip.bin"; printf '\x55' | dd of="$BAD/moe_flip.bin" bs=1 seek=4000 conv=notrunc status=none
+cp "$TMP/run_a/model_00000008.bin" "$BAD/moe_trailing.bin"; printf 'xxxx' >> "$BAD/moe_trailing.bin"
+cp "$TMP/run_a/model_00000008.bin" "$BAD/moe_experts.bin"; put_int "$BAD/moe_experts.bin" 8 6
+expect_error checkpoint_truncated "truncated" $RUN -m "$BAD/truncated.bin"
+expect_error checkpoint_smaller_than_header "truncated" $RUN -m "$BAD/tiny.bin"
+expect_error checkpoint_empty "truncated" $RUN -m "$BAD/empty.bin"
+expect_error checkpoint_wrong_magic "bad magic" $RUN -m "$BAD/magic.bin"
+expect_error checkpoint_wrong_version "version 4" $RUN -m "$BAD/version.bin"
+expect_error checkpoint_header_disagrees_with_size "header says L=5" $RUN -m "$BAD/layers.bin"
+expect_error checkpoint_absurd_dimensions "C=1000000000" $RUN -m "$BAD/huge.bin"
+expect_error checkpoint_heads_do_not_divide "NH=3" $RUN -m "$BAD/heads.bin"
+expect_error checkpoint_corrupt_nan "non-finite" $RUN -m "$BAD/nan.bin"
+expect_error moe_checkpoint_corrupt_byte "checksum" $RUN -m "$BAD/moe_flip.bin"
+expect_error moe_checkpoint_trailing_bytes "trailing bytes" $RUN -m "$BAD/moe_trailing.bin"
+expect_error moe_checkpoint_experts_disagree "header says" $RUN -m "$BAD/moe_experts.bin"
+expect_error model_file_missing "not found" $RUN -m "$BAD/nothing.bin"
+
+head -c 3000 "$SHARD" > "$BAD/shard_truncated.bin"
+cp "$SHARD" "$BAD/shard_magic.bin"; put_int "$BAD/shard_magic.bin" 0 7
+"$PYTHON" dev/train_moe.py make-shard --vocab 100 --tokens 40 --seed 1 -o "$BAD/shard_small.bin" > /dev/null 2>&1
+"$PYTHON" dev/train_moe.py make-shard --vocab 500 --tokens 4096 --seed 1 -o "$BAD/shard_vocab.bin" > /dev/null 2>&1
+RUNM="./train_moe_cpu -m $DENSE $GEOMETRY -x 1 -s 0 -o $BAD/out"
+expect_error shard_truncated "header says" $RUNM -i "$BAD/shard_truncated.bin" -j "$SHARD"
+expect_error shard_wrong_magic "bad magic" $RUNM -i "$BAD/shard_magic.bin" -j "$SHARD"
+expect_error shard_smaller_than_one_batch "fewer than one batch" $RUNM -i "$BAD/shard_small.bin" -j "$SHARD"
+expect_error shard_token_outside_vocabulary "not below" $RUNM -i "$BAD/shard_vocab.bin" -j "$SHARD"
+expect_error shard_missing "no data file matches" $RUNM -i "$BAD/none_*.bin" -j "$SHARD"
+
+RUNS="$RUN -m $DENSE"
+expect_error unknown_flag "unknown option" $RUNS --expertz 8
+expect_error unknown_short_flag "unknown option" $RUNS -Q 1
+expect_error flag_without_value "needs a value" $RUNS -e
+expect_error experts_not_an_integer "not an integer" $RUNS -e eight
+expect_error experts_out_of_range "out of range" $RUNS -e 0
+expect_error lr_not_finite "finite" $RUNS -l nan
+expect_error bad_choice "not one of" $RUNS -e 4 --init dropout
+expect_error topk_above_experts "top-k" $RUNS -e 4 -k 5
+expect_error experts_not_multiple_of_granularity "multiple of the granularity" $RUNS -e 6 --granularity 4
+expect_error k1_with_renorm1 "no gradient" $RUNS -e 4 -k 1 --renorm 1
+expect_error moe_layer_out_of_range "out of range" $RUNS -e 4 --moe-layers 1,9
+expect_error moe_layer_repeated "listed twice" $RUNS -e 4 --moe-layers 1,1
+expect_error moe_layers_lastN_too_many "lastN" $RUNS -e 4 --moe-layers last9
+expect_error moe_layers_garbage "comma-separated" $RUNS -e 4 --moe-layers 1,x
+expect_error seq_len_above_maxT "exceeds" $RUNS -t 32
+expect_error total_batch_not_multiple "multiple of B\*T" $RUNS -d 100
+expect_error moe_checkpoint_conflicting_experts "conflicts" $RUN -m "$TMP/run_a/model_00000008.bin" -e 4
+expect_error resume_without_output_dir "give it with -o" ./train_moe_cpu -m "$DENSE" -i "$SHARD" -y 1
+
+cp -r "$TMP/run_full" "$BAD/resume_corrupt"
+head -c 2000 "$BAD/resume_corrupt/state_00000008.bin" > "$BAD/resume_corrupt/state.tmp" && mv "$BAD/resume_corrupt/state.tmp" "$BAD/resume_corrupt/state_00000008.bin"
+expect_error resume_state_truncated "truncated" ./train_moe_cpu -m "$DENSE" -i "$SHARD" -j "$SHARD" $GEOMETRY $MOE -x 9 -s 0 -y 1 -o "$BAD/resume_corrupt"
+
+leftovers=$(find "$BAD/out" -type f \( -name '*.bin' -o -name '*.tmp' -o -name 'DONE_*' \) | wc -l)
+if [ "$leftovers" -eq 0 ]; then
+    pass bad_input_writes_nothing "no checkpoint or temporary file left in the output directory"
+else
+    fail bad_input_writes_nothing "$leftovers files left: $(find "$BAD/out" -type f | head -n 3 | tr '\n' ' ')"
+fi
+
+echo "== CUDA"
+if [ -f tests/gpu_tests.sh ]; then
+    run_checks gpu bash tests/gpu_tests.sh "$TMP"
+fi
+
+echo "$passed passed, $failed failed"
+[ "$failed" -eq 0 ]
