@@ -33,14 +33,14 @@ else
     make -s train_moe_cpu
 fi
 echo "engine: $ENGINE"
-COMMON="-b $B -t $T -v 20 --val-steps 16 -s 0 --stats-every 20"
+COMMON="-b $B -t $T -v 50 --val-steps 16 -s 0 --stats-every 20"
 mkdir -p "$OUT"
 
 run() {  # run NAME options...: trains, keeps the log, prints the progress lines
     local name=$1; shift
     local t0=$SECONDS
     # shellcheck disable=SC2086
-    "$ENGINE" $COMMON -o "$OUT/$name" "$@" 2>&1 | tee "$OUT/$name.log" | grep -E "^(model|moe|step .*(val|/)|  layer)" | awk 'NR % 5 == 1 || /val|model|moe/'
+    "$ENGINE" $COMMON -o "$OUT/$name" "$@" 2>&1 | tee "$OUT/$name.log" | grep -E "^(model|moe|step .*(val|/)|  layer)" | awk 'NR % 5 == 1 || /val|model|moe|layer/'
     echo "$name: $((SECONDS - t0)) s"
 }
 final_val() { grep 'val loss' "$OUT/$1.log" | tail -n 1 | awk '{print $NF}'; }
