@@ -573,6 +573,51 @@ static void test_weight_decay_rule(const char* dense_path) {
     model_free(&m);
 }
 
+// methods.md 4.6: a dense run's moments land in the upcycled layout: shared tensors as they
+// were, every expert its MLP shard's moments (unscaled, even with weight scaling on), router 0
+static void test_optimizer_state_carry_over(const char* dense_path, const char* state_path) {
+    ModelConfig dense_cfg, cfg;
+    free(read_checkpoint(dense_path, &dense_cfg));
+    size_t n = count_parameters(&dense_cfg);
+    std::vector<float> dm(n), dv(n);
+    for (size_t i = 0; i < n; i++) { dm[i] = (float)random_normal(3, 1, i); dv[i] = (float)random_uniform(3, 2, i); }
+    TrainState st = {};
+    st.step = 42;
+    st.B = 1; st.T = 1; st.grad_accum = 1;
+    st.num_params = n;
+    write_train_state(state_path, &st, dm.data(), dv.data());
+    TrainArgs args;
+    float* params = build_from_options(std::string("-m ") + dense_path + " -e 8 -k 2 --granularity 2 --renorm 0 --init drop --init-optimizer " + state_path, &cfg, &args);
+    size_t N = count_parameters(&cfg);
+    std::vector<float> m(N), v(N);
+    int offset = upcycle_optimizer_state(&args, &cfg, m.data(), v.data());
+    ParameterTensors<float> pd, pm, pdv, pmv;
+    size_t dsz[NUM_PARAMETER_TENSORS], msz[NUM_PARAMETER_TENSORS];
+    fill_parameter_sizes(dsz, &dense_cfg);
+    fill_parameter_sizes(msz, &cfg);
+    point_parameters(&pd, dm.data(), dsz);
+    point_parameters(&pm, m.data(), msz);
+    point_parameters(&pdv, dv.data(), dsz);
+    point_parameters(&pmv, v.data(), msz);
+    int C = cfg.channels, H = cfg.expert_hidden, E = cfg.num_experts, G = cfg.granularity;
+    bool ok = offset == 42 && memcmp(pm.qkvw, pd.qkvw, msz[P_QKVW] * sizeof(float)) == 0 &&
+              memcmp(pmv.wte, pdv.wte, msz[P_WTE] * sizeof(float)) == 0;
+    for (size_t i = 0; i < msz[P_ROUTERW]; i++) { ok &= pm.routerw[i] == 0.0f && pmv.routerw[i] == 0.0f; }
+    for (int l = 0; l < cfg.num_layers; l++) {
+        int ms = cfg.moe_slot[l], ds = cfg.dense_slot[l];
+        if (ds >= 0) { ok &= memcmp(pm.fcw + (size_t)ds * 4 * C * C, pd.fcw + (size_t)l * 4 * C * C, (size_t)4 * C * C * sizeof(float)) == 0; continue; }
+        for (int e = 0; e < E; e++) {
+            size_t ex = (size_t)ms * E + e;
+            int g = e % G;
+            ok &= memcmp(pm.expert_fcw + ex * H * C, pd.fcw + ((size_t)l * 4 * C + (size_t)g * H) * C, (size_t)H * C * sizeof(float)) == 0;
+            ok &= memcmp(pmv.expert_fcb + ex * H, pdv.fcb + (size_t)l * 4 * C + (size_t)g * H, H * sizeof(float)) == 0;
+            for (int o = 0; o < C; o++) { ok &= pm.expert_fcprojw[(ex * C + o) * H] == pd.fcprojw[((size_t)l * C + o) * 4 * C + (size_t)g * H]; }
+        }
+    }
+    check(ok, "optimizer_moments_carried_into_experts", "step %d continues; experts hold their MLP shard's m and v, the router none", offset);
+    free(params);
+}
+
 // llm.c's bf16 model file (version 5) loads as the upper halves of the fp32 values. The file is
 // written here, independently of the engine's writer.
 static void test_bf16_checkpoint_loads(const char* dense_path, const char* tmp_path) {
@@ -624,6 +669,7 @@ int main(int argc, char** argv) {
         test_aux_loss_formulas();
         test_gradient_accumulation(dense, shard);
         test_weight_decay_rule(dense);
+        test_optimizer_state_carry_over(dense, (scratch_dir + "/dense_state.bin").c_str());
         test_bf16_checkpoint_loads(dense, (scratch_dir + "/dense_bf16.bin").c_str());
     } else {
         fprintf(stderr, "usage: %s reference NAME STATE REF_MODEL -- [train options]\n       %s invariants DENSE SHARD SCRATCH_DIR\n", argv[0], argv[0]);

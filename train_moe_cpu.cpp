@@ -1198,7 +1198,7 @@ static double seconds_now() {
 // the training loop
 
 static void save_checkpoint(Model* m, const std::string& dir, int step, const DataLoader* train, int grad_accum,
-                            uint64_t sampler_counter, int max_steps) {
+                            uint64_t sampler_counter, int max_steps, int adam_step_offset) {
     std::string model_path = checkpoint_path(dir, "model", step), state_path = checkpoint_path(dir, "state", step);
     write_checkpoint(model_path.c_str(), &m->config, m->params_memory);
     TrainState s;
@@ -1211,6 +1211,7 @@ static void save_checkpoint(Model* m, const std::string& dir, int step, const Da
     s.position = train->position;
     s.sampler_counter = sampler_counter;
     s.max_steps = max_steps;
+    s.adam_step_offset = adam_step_offset;
     write_train_state(state_path.c_str(), &s, m->m_memory, m->v_memory);
     write_done_marker(dir, step);
     printf("wrote %s and %s\n", model_path.c_str(), state_path.c_str());
@@ -1267,6 +1268,10 @@ int main(int argc, char** argv) {
     int max_steps = args.max_steps;
     if (max_steps < 0) { max_steps = (int)std::max((int64_t)1, train_loader.num_batches / grad_accum); }
     uint64_t sampler_counter = 0;
+    int adam_step_offset = 0;  // AdamW's step is adam_step_offset + step + 1
+    if (!args.init_optimizer.empty() && !resuming) {
+        adam_step_offset = upcycle_optimizer_state(&args, &cfg, model.m_memory, model.v_memory);
+    }
     if (resuming) {
         read_train_state(checkpoint_path(args.output_dir, "state", start_step).c_str(), &resume_state, model.m_memory,
                          model.v_memory, model.num_params);
@@ -1279,6 +1284,7 @@ int main(int argc, char** argv) {
         }
         dataloader_seek(&train_loader, resume_state.shard_index, resume_state.position);
         sampler_counter = resume_state.sampler_counter;
+        adam_step_offset = resume_state.adam_step_offset;
     }
     Logger logger;
     logger_init(&logger, have_output ? args.output_dir.c_str() : NULL, resuming);
@@ -1299,7 +1305,7 @@ int main(int argc, char** argv) {
     for (int step = start_step; step <= max_steps; step++) {
         bool last = step == max_steps;
         if (have_output && step > start_step && ((args.checkpoint_every > 0 && step % args.checkpoint_every == 0) || last)) {
-            save_checkpoint(&model, args.output_dir, step, &train_loader, grad_accum, sampler_counter, max_steps);
+            save_checkpoint(&model, args.output_dir, step, &train_loader, grad_accum, sampler_counter, max_steps, adam_step_offset);
         }
         if (have_val && ((args.val_every > 0 && step % args.val_every == 0) || last)) {
             float val = validation_loss(&model, &val_loader, args.val_steps);
@@ -1323,7 +1329,7 @@ int main(int argc, char** argv) {
             zl += model.z_loss / grad_accum;
         }
         float lr = learning_rate_at(&schedule, step);
-        float norm = model_update(&model, lr, &opt, step + 1);
+        float norm = model_update(&model, lr, &opt, adam_step_offset + step + 1);
         double dt = seconds_now() - t0;
         double tok_per_s = total_batch / dt;
         if (cfg.num_experts > 1) {

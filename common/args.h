@@ -63,6 +63,7 @@ struct TrainArgs {
     int capacity_priority;      // CapacityPriority
     double aux_loss;
     double z_loss;
+    std::string init_optimizer; // a dense run's state file whose moments the experts inherit
     // which long names the command line gave (the rest are defaults)
     std::set<std::string> given;
 };
@@ -131,6 +132,7 @@ static inline std::vector<Option> option_table(TrainArgs* a) {
         {0, "capacity-priority", OPT_CHOICE, &a->capacity_priority, "order", 0, 0, "order|score", NULL, "which assignments a full expert keeps: token order or router score (within a choice slot)"},
         {0, "aux-loss", OPT_DOUBLE, &a->aux_loss, "0.01", 0, BIG, NULL, NULL, "load-balancing loss coefficient alpha"},
         {0, "z-loss", OPT_DOUBLE, &a->z_loss, "0", 0, BIG, NULL, NULL, "router z-loss coefficient beta"},
+        {0, "init-optimizer", OPT_STRING, &a->init_optimizer, "", 0, 0, NULL, NULL, "state_*.bin of the dense run: every expert starts with its MLP's AdamW moments, the router with none (empty: fresh moments)"},
     };
 }
 

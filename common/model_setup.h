@@ -15,6 +15,7 @@ them. It prints one summary line of what it built.
 #include "args.h"
 #include "checkpoint.h"
 #include "model_config.h"
+#include "train_state.h"
 #include "upcycle.h"
 
 // "d12" and friends are llm.c's GPT-2 shapes; "L:C:NH:maxT" any other. False if spec is neither.
@@ -173,4 +174,34 @@ static inline float* setup_model(const TrainArgs* a, ModelConfig* cfg) {
     }
     print_model_summary(cfg, how);
     return moe_params;
+}
+
+// methods.md 4.6: the upcycled model inherits the dense run's AdamW moments. The moments are
+// laid out like the parameters, so upcycle_model's copy maps them: shared tensors as they are,
+// every expert its MLP shard's moments, unscaled, the router none. Fills m and v (the MoE
+// model's size) and returns the dense run's step, where AdamW's bias correction continues.
+static inline int upcycle_optimizer_state(const TrainArgs* a, const ModelConfig* cfg, float* m, float* v) {
+    const char* path = a->init_optimizer.c_str();
+    const char* model = a->model.c_str();
+    if (cfg->num_experts == 1 || !file_exists(model) || is_moe_checkpoint(model) || a->init == INIT_SCRATCH) {
+        die("--init-optimizer carries a dense run's moments into an upcycled model: it needs -m with a dense checkpoint, -e > 1 "
+            "and an init other than scratch");
+    }
+    ModelConfig dense;
+    free(read_checkpoint(model, &dense));
+    size_t n = count_parameters(&dense);
+    float* dense_m = (float*)malloc_check(n * sizeof(float));
+    float* dense_v = (float*)malloc_check(n * sizeof(float));
+    TrainState s;
+    read_train_state(path, &s, dense_m, dense_v, n);
+    UpcycleOptions copy = upcycle_options(a);
+    copy.init = INIT_COPY;
+    copy.weight_scaling = 0;
+    copy.router_std = 0.0;
+    upcycle_model(&dense, dense_m, cfg, m, &copy);
+    upcycle_model(&dense, dense_v, cfg, v, &copy);
+    free(dense_m);
+    free(dense_v);
+    printf("optimizer: AdamW moments of %s (step %d) carried into every expert; the router starts fresh\n", path, s.step);
+    return s.adam_step_offset + s.step;
 }

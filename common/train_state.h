@@ -25,6 +25,7 @@ struct TrainState {
     int64_t position;
     uint64_t sampler_counter;
     int max_steps;
+    int adam_step_offset;   // AdamW steps taken before this run (moments carried over from a dense run)
 };
 
 static inline std::string checkpoint_path(const std::string& dir, const char* kind, int step) {
@@ -48,6 +49,7 @@ static inline void write_train_state(const char* path, const TrainState* s, cons
     uint64_t sum = fnv1a(FNV_OFFSET, m, s->num_params * sizeof(float));
     put_u64(header, 13, fnv1a(sum, v, s->num_params * sizeof(float)));
     header[15] = s->max_steps;
+    header[16] = s->adam_step_offset;
     AtomicFile af = atomic_open(path);
     fwrite_check(header, sizeof(int), 256, af.f, path);
     fwrite_check(m, sizeof(float), s->num_params, af.f, path);
@@ -74,6 +76,7 @@ static inline void read_train_state(const char* path, TrainState* s, float* m, f
     s->position = (int64_t)get_u64(header, 9);
     s->sampler_counter = get_u64(header, 11);
     s->max_steps = header[15];
+    s->adam_step_offset = header[16];
     if (s->num_params != expected_params) {
         die("%s: holds optimizer moments for %zu parameters, the model has %zu", path, s->num_params, expected_params);
     }

@@ -240,6 +240,7 @@ expect_error moe_layers_garbage "comma-separated" $RUNS -e 4 --moe-layers 1,x
 expect_error seq_len_above_maxT "exceeds" $RUNS -t 32
 expect_error total_batch_not_multiple "multiple of B\*T" $RUNS -d 100
 expect_error moe_checkpoint_conflicting_experts "conflicts" $RUN -m "$TMP/run_a/model_00000008.bin" -e 4
+expect_error init_optimizer_needs_dense_upcycling "needs -m with a dense checkpoint" $RUN -m "$TMP/run_a/model_00000008.bin" --init-optimizer "$TMP/run_dense/state_00000002.bin"
 expect_error resume_without_output_dir "give it with -o" ./train_moe_cpu -m "$DENSE" -i "$SHARD" -y 1
 
 cp -r "$TMP/run_full" "$BAD/resume_corrupt"
