@@ -427,6 +427,22 @@ static void test_granularity_shards_and_virtual_groups(const char* dense_path) {
     free(dense);
 }
 
+// a Routing over buffers of its own, for token choice on N tokens
+struct RoutingBuffers {
+    Routing routing;
+    std::vector<int> choice_expert, choice_row, tokens_per_expert, expert_offsets, row_token, token_row_offsets, token_rows, assignments;
+    std::vector<float> choice_weight, row_weight;
+    RoutingBuffers(int N, int E, int k)
+        : choice_expert(N * k), choice_row(N * k), tokens_per_expert(E), expert_offsets(E + 1), row_token(N * k),
+          token_row_offsets(N + 1), token_rows(N * k), assignments(E), choice_weight(N * k), row_weight(N * k) {
+        Routing& r = routing;
+        r.choice_expert = choice_expert.data(); r.choice_weight = choice_weight.data(); r.choice_row = choice_row.data();
+        r.tokens_per_expert = tokens_per_expert.data(); r.expert_offsets = expert_offsets.data(); r.row_token = row_token.data();
+        r.row_weight = row_weight.data(); r.token_row_offsets = token_row_offsets.data(); r.token_rows = token_rows.data();
+        r.assignments = assignments.data();
+    }
+};
+
 // routing on synthetic scores: capacity keeps, per expert, exactly the earliest assignments
 // in priority order (slot first, then token order or score) and drops the rest
 static void test_capacity_priority_rule() {
@@ -447,12 +463,10 @@ static void test_capacity_priority_rule() {
                 }
                 for (int e = 0; e < E; e++) { probs[(size_t)t * E + e] = expf(logits[(size_t)t * E + e]) / sum; }
             }
-            Routing r;
-            std::vector<int> ce(N * k), cr(N * k), tpe(E), off(E + 1), rt(N * k), tro(N + 1), trs(N * k), asg(E);
-            std::vector<float> cw(N * k), rw(N * k);
-            r.choice_expert = ce.data(); r.choice_weight = cw.data(); r.choice_row = cr.data(); r.tokens_per_expert = tpe.data();
-            r.expert_offsets = off.data(); r.row_token = rt.data(); r.row_weight = rw.data(); r.token_row_offsets = tro.data();
-            r.token_rows = trs.data(); r.assignments = asg.data();
+            RoutingBuffers buffers(N, E, k);
+            Routing& r = buffers.routing;
+            std::vector<int>& ce = buffers.choice_expert;
+            std::vector<int>& cr = buffers.choice_row;
             route_tokens(&r, logits.data(), probs.data(), &cfg, N);
             int cap = token_choice_capacity(&cfg, N);
             // priority key of assignment i = t*k + j: (slot, position of t within the slot's order)
@@ -488,12 +502,9 @@ static void test_aux_loss_formulas() {
     memset(&cfg, 0, sizeof(cfg));
     cfg.num_experts = E; cfg.top_k = k; cfg.renorm = 1; cfg.router = ROUTER_TOPK;
     std::vector<float> logits((size_t)N * E, 0.3f), probs((size_t)N * E, 1.0f / E);  // uniform router
-    Routing r;
-    std::vector<int> ce(N * k), cr(N * k), tpe(E), off(E + 1), rt(N * k), tro(N + 1), trs(N * k), asg(E);
-    std::vector<float> cw(N * k), rw(N * k);
-    r.choice_expert = ce.data(); r.choice_weight = cw.data(); r.choice_row = cr.data(); r.tokens_per_expert = tpe.data();
-    r.expert_offsets = off.data(); r.row_token = rt.data(); r.row_weight = rw.data(); r.token_row_offsets = tro.data();
-    r.token_rows = trs.data(); r.assignments = asg.data();
+    RoutingBuffers buffers(N, E, k);
+    Routing& r = buffers.routing;
+    std::vector<int>& ce = buffers.choice_expert;
     route_tokens(&r, logits.data(), probs.data(), &cfg, N);
     float bal, zl;
     router_aux_losses(&bal, &zl, logits.data(), probs.data(), &r, N, E);
@@ -618,6 +629,28 @@ static void test_optimizer_state_carry_over(const char* dense_path, const char* 
     free(params);
 }
 
+// a shard written by write_shard reads back as windows of B*T+1 tokens that advance by B*T,
+// across two shards of one pattern, wrapping to the first at the end (a new epoch)
+static void test_shard_roundtrip(const std::string& dir) {
+    const int B = 2, T = 3, n0 = 20, n1 = 9;
+    std::vector<uint16_t> tokens(n0 + n1);
+    for (size_t i = 0; i < tokens.size(); i++) { tokens[i] = (uint16_t)(i * 7 % 50); }
+    write_shard((dir + "/roundtrip_000.bin").c_str(), tokens.data(), n0);
+    write_shard((dir + "/roundtrip_001.bin").c_str(), tokens.data() + n0, n1);
+    DataLoader dl;
+    dataloader_init(&dl, (dir + "/roundtrip_*.bin").c_str(), B, T, 50);
+    // windows start at 0, 6, 12 in shard 0 (12 + 7 > 20 ends it), 0 in shard 1, then 0 in shard 0 again
+    const int starts[] = {0, 6, 12, n0 + 0, 0};
+    bool ok = dl.num_batches == 3 + 1;
+    for (int start : starts) {
+        dataloader_next_batch(&dl);
+        for (int i = 0; i < B * T; i++) { ok &= dl.inputs[i] == tokens[start + i] && dl.targets[i] == tokens[start + i + 1]; }
+    }
+    check(ok, "shards_write_and_read_back_as_windows", "2 shards of %d and %d tokens, B=%d T=%d: windows 0, 6, 12, then shard 2, then a new epoch",
+          n0, n1, B, T);
+    dataloader_free(&dl);
+}
+
 // llm.c's bf16 model file (version 5) loads as the upper halves of the fp32 values. The file is
 // written here, independently of the engine's writer.
 static void test_bf16_checkpoint_loads(const char* dense_path, const char* tmp_path) {
@@ -669,6 +702,7 @@ int main(int argc, char** argv) {
         test_aux_loss_formulas();
         test_gradient_accumulation(dense, shard);
         test_weight_decay_rule(dense);
+        test_shard_roundtrip(scratch_dir);
         test_optimizer_state_carry_over(dense, (scratch_dir + "/dense_state.bin").c_str());
         test_bf16_checkpoint_loads(dense, (scratch_dir + "/dense_bf16.bin").c_str());
     } else {

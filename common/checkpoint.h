@@ -152,18 +152,23 @@ static inline float* read_checkpoint(const char* path, ModelConfig* cfg) {
     return params;
 }
 
-// llm.c version 3 (fp32); only for dense models
-static inline void write_dense_checkpoint(const char* path, const ModelConfig* cfg, const float* params) {
-    if (cfg->num_experts != 1) { die("write_dense_checkpoint: %s is an MoE model", path); }
-    int header[256] = {0};
-    header[0] = DENSE_MAGIC;
-    header[1] = 3;
+// slots 2..7, the same in both formats
+static inline void put_dense_dimensions(int* header, const ModelConfig* cfg) {
     header[2] = cfg->max_seq_len;
     header[3] = cfg->vocab_size;
     header[4] = cfg->num_layers;
     header[5] = cfg->num_heads;
     header[6] = cfg->channels;
     header[7] = cfg->padded_vocab_size;
+}
+
+// llm.c version 3 (fp32); only for dense models
+static inline void write_dense_checkpoint(const char* path, const ModelConfig* cfg, const float* params) {
+    if (cfg->num_experts != 1) { die("write_dense_checkpoint: %s is an MoE model", path); }
+    int header[256] = {0};
+    header[0] = DENSE_MAGIC;
+    header[1] = 3;
+    put_dense_dimensions(header, cfg);
     AtomicFile af = atomic_open(path);
     fwrite_check(header, sizeof(int), 256, af.f, path);
     fwrite_check(params, sizeof(float), count_parameters(cfg), af.f, path);
@@ -176,12 +181,7 @@ static inline void write_moe_checkpoint(const char* path, const ModelConfig* cfg
     int header[256] = {0};
     header[0] = MOE_MAGIC;
     header[1] = MOE_VERSION;
-    header[2] = cfg->max_seq_len;
-    header[3] = cfg->vocab_size;
-    header[4] = cfg->num_layers;
-    header[5] = cfg->num_heads;
-    header[6] = cfg->channels;
-    header[7] = cfg->padded_vocab_size;
+    put_dense_dimensions(header, cfg);
     header[HDR_EXPERTS] = cfg->num_experts;
     header[HDR_TOPK] = cfg->top_k;
     header[HDR_GRANULARITY] = cfg->granularity;

@@ -447,8 +447,8 @@ def write_checkpoint(path, cfg, params):
         write_moe_checkpoint(path, cfg, params)
 
 
-def read_checkpoint(path):
-    """A dense (llm.c v3 fp32 / v5 bf16) or MoE (v1) checkpoint -> (Config, list of 21 fp32 arrays)."""
+def read_file_with_header(path):
+    """The whole file and its int32[256] header; a clear error when there is no header."""
     if not os.path.isfile(path):
         fail(f"{path}: no such file")
     size = os.path.getsize(path)
@@ -456,7 +456,13 @@ def read_checkpoint(path):
         fail(f"{path}: truncated: {size} bytes, too small for the 1024-byte header")
     with open(path, "rb") as f:
         raw = f.read()
-    header = np.frombuffer(raw[:1024], dtype=np.int32)
+    return raw, np.frombuffer(raw[:1024], dtype=np.int32)
+
+
+def read_checkpoint(path):
+    """A dense (llm.c v3 fp32 / v5 bf16) or MoE (v1) checkpoint -> (Config, list of 21 fp32 arrays)."""
+    raw, header = read_file_with_header(path)
+    size = len(raw)
     magic, version = int(header[0]), int(header[1])
     moe = magic == MOE_MAGIC
     if magic != DENSE_MAGIC and not moe:
@@ -525,14 +531,8 @@ def write_shard(path, tokens):
 
 
 def read_shard(path, V):
-    if not os.path.isfile(path):
-        fail(f"{path}: no such file")
-    size = os.path.getsize(path)
-    if size < 1024:
-        fail(f"{path}: truncated: {size} bytes, too small for the 1024-byte header")
-    with open(path, "rb") as f:
-        raw = f.read()
-    header = np.frombuffer(raw[:1024], dtype=np.int32)
+    raw, header = read_file_with_header(path)
+    size = len(raw)
     if int(header[0]) != SHARD_MAGIC or int(header[1]) != 1:
         fail(f"{path}: magic {int(header[0])} version {int(header[1])}, expected a token shard "
              f"(magic {SHARD_MAGIC} version 1)")
