@@ -1,0 +1,111 @@
+/*
+What every kernel header shares: the activation type floatX, checked CUDA and cuBLAS calls, type
+conversions and deterministic warp and block reductions.
+
+Precision (make PRECISION=BF16, the default, or PRECISION=FP32):
+  - activations and the working copy of the weights are floatX: bf16, or fp32 with -DENABLE_FP32;
+  - master weights, gradients and AdamW moments are fp32 always;
+  - the router (its weights, logits, softmax, top-k, auxiliary losses) is fp32 always.
+Every reduction sums in a fixed order (no float atomics), so two runs are bit-identical.
+*/
+#pragma once
+
+#include <cuda_runtime.h>
+#include <cuda_bf16.h>
+#include <cublasLt.h>
+#include <cublas_v2.h>
+#include "../common/utils.h"
+
+#if defined(ENABLE_FP32)
+typedef float floatX;
+#define PRECISION_NAME "FP32"
+#else
+typedef __nv_bfloat16 floatX;
+#define PRECISION_NAME "BF16"
+#endif
+
+#define WARP_SIZE 32
+
+// ----------------------------------------------------------------------------
+// checked calls
+
+static inline void cuda_check_(cudaError_t err, const char* file, int line) {
+    if (err != cudaSuccess) { die("CUDA error at %s:%d: %s", file, line, cudaGetErrorString(err)); }
+}
+#define cudaCheck(err) cuda_check_((err), __FILE__, __LINE__)
+
+static inline void cublas_check_(cublasStatus_t status, const char* file, int line) {
+    if (status != CUBLAS_STATUS_SUCCESS) { die("cuBLAS error %d at %s:%d", (int)status, file, line); }
+}
+#define cublasCheck(status) cublas_check_((status), __FILE__, __LINE__)
+
+// after a launch: the launch's own error (bad configuration), not the kernel's completion
+#define cudaCheckLaunch() cudaCheck(cudaGetLastError())
+
+template <typename T>
+static inline T* cuda_malloc(size_t count) {
+    T* p = NULL;
+    if (count > 0) { cudaCheck(cudaMalloc(&p, count * sizeof(T))); }
+    return p;
+}
+
+static inline int ceil_div_int(long long a, long long b) { return (int)((a + b - 1) / b); }
+
+// ----------------------------------------------------------------------------
+// conversions between floatX and fp32
+
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+template <typename T> __device__ __forceinline__ T from_float(float x);
+template <> __device__ __forceinline__ float from_float<float>(float x) { return x; }
+template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16(x); }
+
+// ----------------------------------------------------------------------------
+// reductions in a fixed order
+
+__device__ __forceinline__ float warp_reduce_sum(float v) {
+    for (int offset = 16; offset > 0; offset >>= 1) { v += __shfl_xor_sync(0xffffffff, v, offset); }
+    return v;
+}
+
+__device__ __forceinline__ float warp_reduce_max(float v) {
+    for (int offset = 16; offset > 0; offset >>= 1) { v = fmaxf(v, __shfl_xor_sync(0xffffffff, v, offset)); }
+    return v;
+}
+
+// Sum over the block, returned to every thread. `shared` holds at least 32 floats. The order of
+// the additions depends only on blockDim, so the result is the same on every run.
+__device__ __forceinline__ float block_reduce_sum(float v, float* shared) {
+    int lane = threadIdx.x % WARP_SIZE, warp = threadIdx.x / WARP_SIZE, warps = blockDim.x / WARP_SIZE;
+    v = warp_reduce_sum(v);
+    __syncthreads();
+    if (lane == 0) { shared[warp] = v; }
+    __syncthreads();
+    v = lane < warps ? shared[lane] : 0.0f;
+    return warp_reduce_sum(v);
+}
+
+__device__ __forceinline__ float block_reduce_max(float v, float* shared) {
+    int lane = threadIdx.x % WARP_SIZE, warp = threadIdx.x / WARP_SIZE, warps = blockDim.x / WARP_SIZE;
+    v = warp_reduce_max(v);
+    __syncthreads();
+    if (lane == 0) { shared[warp] = v; }
+    __syncthreads();
+    v = lane < warps ? shared[lane] : -INFINITY;
+    return warp_reduce_max(v);
+}
+
+// ----------------------------------------------------------------------------
+// GELU, tanh approximation (the same formula as the CPU twin)
+
+#define GELU_SCALE_F 0.7978845608028654f  // sqrt(2/pi)
+
+__device__ __forceinline__ float gelu_tanh(float x) {
+    return 0.5f * x * (1.0f + tanhf(GELU_SCALE_F * (x + 0.044715f * x * x * x)));
+}
+
+__device__ __forceinline__ float gelu_tanh_grad(float x) {
+    float th = tanhf(GELU_SCALE_F * (x + 0.044715f * x * x * x));
+    return 0.5f * (1.0f + th) + 0.5f * x * (1.0f - th * th) * GELU_SCALE_F * (1.0f + 3.0f * 0.044715f * x * x);
+}
