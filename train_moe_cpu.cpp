@@ -31,16 +31,10 @@ depend on the number of threads and two runs are bit-identical. Every backward f
 #include <omp.h>
 #endif
 
-#include "common/args.h"
 #include "common/checkpoint.h"
-#include "common/dataloader.h"
-#include "common/logger.h"
 #include "common/model_config.h"
-#include "common/model_setup.h"
 #include "common/rng.h"
-#include "common/schedule.h"
-#include "common/tokenizer.h"
-#include "common/train_state.h"
+#include "common/training.h"
 #include "common/upcycle.h"
 #include "common/utils.h"
 
@@ -1079,10 +1073,6 @@ static float model_grad_norm(const Model* m) {
     return (float)sqrt(total);
 }
 
-struct OptimizerSettings {
-    float beta1, beta2, eps, weight_decay, grad_clip;
-};
-
 // Clips the gradients to the global norm (torch's rule: scale by clip / (norm + 1e-6) when
 // that is below 1) and takes AdamW step t (1-based) at learning rate lr. Returns the norm
 // before clipping. The update follows torch.optim.AdamW: decay first, then the Adam step.
@@ -1118,31 +1108,19 @@ static float model_update(Model* m, float lr, const OptimizerSettings* o, int t)
 // ----------------------------------------------------------------------------
 // sampling and evaluation
 
-// Samples gen_tokens tokens after <|endoftext|> and prints them. The sampler's RNG counter
-// advances by one per token and is part of the resume state.
-static void sample_text(Model* m, const Tokenizer* tok, int gen_tokens, uint64_t seed, uint64_t* counter) {
+// Samples gen_tokens tokens after <|endoftext|> and prints them.
+static void sample_text(Model* m, TrainingRun* run) {
     int V = m->config.vocab_size, Vp = m->config.padded_vocab_size;
-    int T = std::min(std::min(gen_tokens + 1, m->T), m->config.max_seq_len);
+    int T = std::min(std::min(run->args.gen_tokens + 1, m->T), m->config.max_seq_len);
     std::vector<int> tokens(T, 0);
-    tokens[0] = tok->eot_token < V ? tok->eot_token : 0;
+    tokens[0] = run->tokenizer.eot_token < V ? run->tokenizer.eot_token : 0;
     bool collect = m->collect_stats;
     m->collect_stats = false;
     printf("generating:\n---\n");
     for (int t = 1; t < T; t++) {
         model_forward(m, tokens.data(), NULL, 1, t);
-        const float* z = m->logits + (size_t)(t - 1) * Vp;
-        float maxval = -INFINITY;
-        for (int v = 0; v < V; v++) { maxval = std::max(maxval, z[v]); }
-        double sum = 0.0;
-        for (int v = 0; v < V; v++) { sum += exp((double)(z[v] - maxval)); }
-        double coin = random_uniform(seed, rng_stream(RNG_SAMPLER, 0, 0, 0), (*counter)++) * sum, cdf = 0.0;
-        int next = V - 1;
-        for (int v = 0; v < V; v++) {
-            cdf += exp((double)(z[v] - maxval));
-            if (coin < cdf) { next = v; break; }
-        }
-        tokens[t] = next;
-        tokenizer_print(tok, next);
+        tokens[t] = sample_token(m->logits + (size_t)(t - 1) * Vp, V, run->args.seed, &run->sampler_counter);
+        tokenizer_print(&run->tokenizer, tokens[t]);
         fflush(stdout);
     }
     printf("\n---\n");
@@ -1164,193 +1142,65 @@ static float validation_loss(Model* m, DataLoader* val, int max_batches) {
     return (float)(sum / n);
 }
 
-// Prints (and logs) each MoE layer's expert load, dropped fraction and routing entropy since
-// the last report, then starts the next interval.
-static void report_routing(Model* m, int step, Logger* lg) {
+// each MoE layer's expert load, dropped fraction and routing entropy since the last report
+static void report_routing(Model* m, TrainingRun* run, int step) {
     const ModelConfig* cfg = &m->config;
     for (int l = 0; l < cfg->num_layers; l++) {
         int ms = cfg->moe_slot[l];
         if (ms < 0) { continue; }
         RoutingStats& s = m->stats[ms];
-        if (s.tokens == 0) { continue; }
-        std::string load;
-        for (int e = 0; e < cfg->num_experts; e++) {
-            char buf[32];
-            snprintf(buf, sizeof(buf), "%s%.1f", e ? "," : "", 100.0 * s.assignments[e] / s.total_assignments);
-            load += buf;
-        }
-        double dropped = 100.0 * s.dropped / s.total_assignments, entropy = s.entropy_sum / s.tokens;
-        printf("  layer %2d | load %% %s | dropped %.2f%% | entropy %.3f nats (max %.3f)\n", l, load.c_str(), dropped, entropy,
-               log((double)cfg->num_experts));
-        if (lg->moe_log) { fprintf(lg->moe_log, "s:%d layer:%d load:%s dropped:%.4f entropy:%.4f\n", step, l, load.c_str(), dropped, entropy); }
+        run_report_layer(run, step, l, s.assignments.data(), s.total_assignments, s.dropped, s.entropy_sum, s.tokens);
         s = RoutingStats();
     }
-    if (lg->moe_log) { fflush(lg->moe_log); }
-}
-
-static double seconds_now() {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec + ts.tv_nsec * 1e-9;
 }
 
 // ----------------------------------------------------------------------------
 // the training loop
 
-static void save_checkpoint(Model* m, const std::string& dir, int step, const DataLoader* train, int grad_accum,
-                            uint64_t sampler_counter, int max_steps, int adam_step_offset) {
-    std::string model_path = checkpoint_path(dir, "model", step), state_path = checkpoint_path(dir, "state", step);
-    write_checkpoint(model_path.c_str(), &m->config, m->params_memory);
-    TrainState s;
-    s.step = step;
-    s.B = train->B;
-    s.T = train->T;
-    s.grad_accum = grad_accum;
-    s.num_params = m->num_params;
-    s.shard_index = train->shard_index;
-    s.position = train->position;
-    s.sampler_counter = sampler_counter;
-    s.max_steps = max_steps;
-    s.adam_step_offset = adam_step_offset;
-    write_train_state(state_path.c_str(), &s, m->m_memory, m->v_memory);
-    write_done_marker(dir, step);
-    printf("wrote %s and %s\n", model_path.c_str(), state_path.c_str());
-}
-
 #ifndef TESTING
 int main(int argc, char** argv) {
-    TrainArgs args;
-    parse_args(argc, argv, &args);
-    bool have_output = !args.output_dir.empty();
-    if (args.resume && !have_output) { die("-y 1 resumes from the checkpoints in the output directory: give it with -o"); }
-    if (have_output) { make_dir(args.output_dir.c_str()); }
-
-    // resume: the newest complete checkpoint replaces -m
-    int start_step = 0;
-    TrainState resume_state;
-    if (args.resume) {
-        start_step = latest_checkpoint_step(args.output_dir);
-        if (start_step < 0) {
-            warn("-y 1: no complete checkpoint in %s, starting from the beginning", args.output_dir.c_str());
-            start_step = 0;
-        } else {
-            args.model = checkpoint_path(args.output_dir, "model", start_step);
-            printf("resuming from %s\n", args.model.c_str());
-        }
-    }
-    bool resuming = args.resume && start_step > 0;
-
-    ModelConfig cfg;
-    float* params = setup_model(&args, &cfg);
-    int B = args.batch_size, T = args.seq_len;
-    if (T > cfg.max_seq_len) { die("-t %d exceeds the model's %d positions (maxT)", T, cfg.max_seq_len); }
-    int tokens_per_micro = B * T;
-    int total_batch = args.total_batch < 0 ? tokens_per_micro : args.total_batch;
-    if (total_batch % tokens_per_micro != 0) {
-        die("-d %d: the total batch must be a multiple of B*T = %d tokens", total_batch, tokens_per_micro);
-    }
-    int grad_accum = total_batch / tokens_per_micro;
-
-    DataLoader train_loader, val_loader;
-    dataloader_init(&train_loader, args.train_data.c_str(), B, T, cfg.vocab_size);
-    bool have_val = true;
-    if (!arg_given(&args, "val-data") && glob_matches_nothing(args.val_data.c_str())) {
-        warn("no validation data at %s: validation is off", args.val_data.c_str());
-        have_val = false;
-    } else {
-        dataloader_init(&val_loader, args.val_data.c_str(), B, T, cfg.vocab_size);
-    }
-    Tokenizer tokenizer;
-    tokenizer_init(&tokenizer, args.tokenizer.c_str());
-
+    TrainingRun run;
+    run_init(&run, argc, argv);
     Model model;
-    model_init(&model, &cfg, params, B, T, (float)args.aux_loss, (float)args.z_loss);
-    int max_steps = args.max_steps;
-    if (max_steps < 0) { max_steps = (int)std::max((int64_t)1, train_loader.num_batches / grad_accum); }
-    uint64_t sampler_counter = 0;
-    int adam_step_offset = 0;  // AdamW's step is adam_step_offset + step + 1
-    if (!args.init_optimizer.empty() && !resuming) {
-        adam_step_offset = upcycle_optimizer_state(&args, &cfg, model.m_memory, model.v_memory);
-    }
-    if (resuming) {
-        read_train_state(checkpoint_path(args.output_dir, "state", start_step).c_str(), &resume_state, model.m_memory,
-                         model.v_memory, model.num_params);
-        if (resume_state.B != B || resume_state.T != T || resume_state.grad_accum != grad_accum) {
-            die("the checkpoint was trained with B=%d T=%d and %d accumulation steps; this run asks for B=%d T=%d and %d",
-                resume_state.B, resume_state.T, resume_state.grad_accum, B, T, grad_accum);
-        }
-        if (resume_state.max_steps != max_steps) {
-            warn("the checkpoint's run had %d steps, this one %d: the learning-rate schedule changes", resume_state.max_steps, max_steps);
-        }
-        dataloader_seek(&train_loader, resume_state.shard_index, resume_state.position);
-        sampler_counter = resume_state.sampler_counter;
-        adam_step_offset = resume_state.adam_step_offset;
-    }
-    Logger logger;
-    logger_init(&logger, have_output ? args.output_dir.c_str() : NULL, resuming);
-    if (!have_output) { printf("no -o: no log and no checkpoints will be written\n"); }
-
-    LrSchedule schedule = {args.lr_schedule, args.lr, args.warmup, max_steps, args.final_lr_frac, args.decay_frac};
-    OptimizerSettings opt = {(float)args.beta1, (float)args.beta2, (float)args.eps, (float)args.weight_decay, (float)args.grad_clip};
-    double flops_per_token = 6.0 * count_active_parameters(&cfg) + 6.0 * cfg.num_layers * cfg.channels * T;
+    model_init(&model, &run.config, run.params, run.B, run.T, (float)run.args.aux_loss, (float)run.args.z_loss);
+    run_initial_moments(&run, model.m_memory, model.v_memory, model.num_params);
 #ifdef _OPENMP
-    int threads = omp_get_max_threads();
-#else
-    int threads = 1;
+    printf("CPU twin, fp32, %d OpenMP threads\n", omp_get_max_threads());
 #endif
-    printf("batch: B=%d T=%d, %d tokens per step (%d accumulation steps) | %d steps | train %lld batches per epoch | %d threads\n",
-           B, T, total_batch, grad_accum, max_steps, (long long)train_loader.num_batches, threads);
 
     model.collect_stats = true;
-    for (int step = start_step; step <= max_steps; step++) {
-        bool last = step == max_steps;
-        if (have_output && step > start_step && ((args.checkpoint_every > 0 && step % args.checkpoint_every == 0) || last)) {
-            save_checkpoint(&model, args.output_dir, step, &train_loader, grad_accum, sampler_counter, max_steps, adam_step_offset);
+    for (int step = run.start_step; step <= run.max_steps; step++) {
+        if (run_checkpoint_due(&run, step)) {
+            run_save_checkpoint(&run, step, model.params_memory, model.m_memory, model.v_memory, model.num_params);
         }
-        if (have_val && ((args.val_every > 0 && step % args.val_every == 0) || last)) {
-            float val = validation_loss(&model, &val_loader, args.val_steps);
+        if (run_validation_due(&run, step)) {
+            float val = validation_loss(&model, &run.val, run.args.val_steps);
             printf("step %d | val loss %.6f\n", step, val);
-            logger_val(&logger, step, val);
+            logger_val(&run.logger, step, val);
         }
-        if (args.sample_every > 0 && step > 0 && (step % args.sample_every == 0 || last)) {
-            sample_text(&model, &tokenizer, args.gen_tokens, args.seed, &sampler_counter);
-        }
-        if (last) { break; }
+        if (run_sample_due(&run, step)) { sample_text(&model, &run); }
+        if (step == run.max_steps) { break; }
 
         double t0 = seconds_now();
         model_zero_grad(&model);
         double loss = 0.0, aux = 0.0, zl = 0.0;
-        for (int micro = 0; micro < grad_accum; micro++) {
-            dataloader_next_batch(&train_loader);
-            model_forward(&model, train_loader.inputs, train_loader.targets, B, T);
-            model_backward(&model, 1.0f / grad_accum);
-            loss += model.mean_loss / grad_accum;
-            aux += model.aux_loss / grad_accum;
-            zl += model.z_loss / grad_accum;
+        for (int micro = 0; micro < run.grad_accum; micro++) {
+            dataloader_next_batch(&run.train);
+            model_forward(&model, run.train.inputs, run.train.targets, run.B, run.T);
+            model_backward(&model, 1.0f / run.grad_accum);
+            loss += model.mean_loss / run.grad_accum;
+            aux += model.aux_loss / run.grad_accum;
+            zl += model.z_loss / run.grad_accum;
         }
-        float lr = learning_rate_at(&schedule, step);
-        float norm = model_update(&model, lr, &opt, adam_step_offset + step + 1);
-        double dt = seconds_now() - t0;
-        double tok_per_s = total_batch / dt;
-        if (cfg.num_experts > 1) {
-            printf("step %4d/%d | loss %.6f | aux %.4f z %.4f | norm %.4f | lr %.2e | %.1f ms | %.0f tok/s | %.1f GFLOP/s\n",
-                   step + 1, max_steps, loss, aux, zl, norm, lr, dt * 1e3, tok_per_s, flops_per_token * tok_per_s / 1e9);
-        } else {
-            printf("step %4d/%d | loss %.6f | norm %.4f | lr %.2e | %.1f ms | %.0f tok/s | %.1f GFLOP/s\n",
-                   step + 1, max_steps, loss, norm, lr, dt * 1e3, tok_per_s, flops_per_token * tok_per_s / 1e9);
-        }
-        logger_train(&logger, step + 1, (float)loss, lr, norm);
-        if (cfg.num_experts > 1 && logger.moe_log) {
-            fprintf(logger.moe_log, "s:%d aux:%.6f z:%.6f\n", step + 1, aux, zl);
-        }
-        if (cfg.num_experts > 1 && args.stats_every > 0 && (step + 1) % args.stats_every == 0) {
-            printf("routing, steps %d..%d:\n", step + 2 - args.stats_every, step + 1);
-            report_routing(&model, step + 1, &logger);
+        float lr = learning_rate_at(&run.schedule, step);
+        float norm = model_update(&model, lr, &run.optimizer, run.adam_step_offset + step + 1);
+        run_print_step(&run, step + 1, loss, aux, zl, norm, lr, seconds_now() - t0, 0.0);
+        if (run_routing_report_due(&run, step + 1)) {
+            printf("routing, steps %d..%d:\n", step + 2 - run.args.stats_every, step + 1);
+            report_routing(&model, &run, step + 1);
         }
     }
-    logger_free(&logger);
-    dataloader_free(&train_loader);
-    if (have_val) { dataloader_free(&val_loader); }
+    run_free(&run);
     model_free(&model);
     return 0;
 }

@@ -28,6 +28,7 @@ its exit status is the number of failures. dev/cuda/run_all.sh runs them all.
 #include "../../common/schedule.h"
 #include "../../common/tokenizer.h"
 #include "../../common/train_state.h"
+#include "../../common/training.h"
 #include "../../common/upcycle.h"
 #include "../../common/utils.h"
 #define TESTING

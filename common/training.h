@@ -1,0 +1,224 @@
+/*
+The host side of a training run, shared by train_moe_cpu and train_moe: from the command line
+to the model, the data and the schedule (`run_init`); resuming (`run_resume`); the step line,
+the routing report and text sampling; and checkpoint files (`run_save_checkpoint`). Each
+engine keeps its own loop, which calls its own forward, backward and update between these.
+*/
+#pragma once
+
+#include <cmath>
+#include <string>
+#include <time.h>
+#include "args.h"
+#include "dataloader.h"
+#include "logger.h"
+#include "model_config.h"
+#include "model_setup.h"
+#include "rng.h"
+#include "schedule.h"
+#include "tokenizer.h"
+#include "train_state.h"
+
+struct OptimizerSettings {
+    float beta1, beta2, eps, weight_decay, grad_clip;
+};
+
+struct TrainingRun {
+    TrainArgs args;
+    ModelConfig config;
+    float* params;              // host fp32 parameters of the model to train (the engine takes them)
+    int B, T;
+    int total_batch;            // tokens per optimizer step
+    int grad_accum;             // micro-batches per step
+    int max_steps;
+    int start_step;             // > 0 when resuming
+    bool resuming;
+    bool have_output;
+    bool have_val;
+    DataLoader train, val;
+    Tokenizer tokenizer;
+    Logger logger;
+    LrSchedule schedule;
+    OptimizerSettings optimizer;
+    uint64_t sampler_counter;   // the sampler's RNG position (resume state)
+    int adam_step_offset;       // AdamW's step is adam_step_offset + step + 1
+    double flops_per_token;     // 6 N_active + 6 L C T, llm.c's estimate with active parameters
+};
+
+static inline double seconds_now() {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+// Parses the command line and builds everything but the engine's model.
+static inline void run_init(TrainingRun* run, int argc, char** argv) {
+    TrainArgs& a = run->args;
+    parse_args(argc, argv, &a);
+    run->have_output = !a.output_dir.empty();
+    if (a.resume && !run->have_output) { die("-y 1 resumes from the checkpoints in the output directory: give it with -o"); }
+    if (run->have_output) { make_dir(a.output_dir.c_str()); }
+
+    // resume: the newest complete checkpoint replaces -m
+    run->start_step = 0;
+    if (a.resume) {
+        int step = latest_checkpoint_step(a.output_dir);
+        if (step < 0) {
+            warn("-y 1: no complete checkpoint in %s, starting from the beginning", a.output_dir.c_str());
+        } else {
+            run->start_step = step;
+            a.model = checkpoint_path(a.output_dir, "model", step);
+            printf("resuming from %s\n", a.model.c_str());
+        }
+    }
+    run->resuming = run->start_step > 0;
+
+    run->params = setup_model(&a, &run->config);
+    const ModelConfig& cfg = run->config;
+    run->B = a.batch_size;
+    run->T = a.seq_len;
+    if (run->T > cfg.max_seq_len) { die("-t %d exceeds the model's %d positions (maxT)", run->T, cfg.max_seq_len); }
+    int tokens_per_micro = run->B * run->T;
+    run->total_batch = a.total_batch < 0 ? tokens_per_micro : a.total_batch;
+    if (run->total_batch % tokens_per_micro != 0) {
+        die("-d %d: the total batch must be a multiple of B*T = %d tokens", run->total_batch, tokens_per_micro);
+    }
+    run->grad_accum = run->total_batch / tokens_per_micro;
+
+    dataloader_init(&run->train, a.train_data.c_str(), run->B, run->T, cfg.vocab_size);
+    run->have_val = true;
+    if (!arg_given(&a, "val-data") && glob_matches_nothing(a.val_data.c_str())) {
+        warn("no validation data at %s: validation is off", a.val_data.c_str());
+        run->have_val = false;
+    } else {
+        dataloader_init(&run->val, a.val_data.c_str(), run->B, run->T, cfg.vocab_size);
+    }
+    tokenizer_init(&run->tokenizer, a.tokenizer.c_str());
+    logger_init(&run->logger, run->have_output ? a.output_dir.c_str() : NULL, run->resuming);
+    if (!run->have_output) { printf("no -o: no log and no checkpoints will be written\n"); }
+
+    run->max_steps = a.max_steps;
+    if (run->max_steps < 0) { run->max_steps = (int)std::max((int64_t)1, run->train.num_batches / run->grad_accum); }
+    run->schedule = {a.lr_schedule, a.lr, a.warmup, run->max_steps, a.final_lr_frac, a.decay_frac};
+    run->optimizer = {(float)a.beta1, (float)a.beta2, (float)a.eps, (float)a.weight_decay, (float)a.grad_clip};
+    run->sampler_counter = 0;
+    run->adam_step_offset = 0;
+    run->flops_per_token = 6.0 * count_active_parameters(&cfg) + 6.0 * cfg.num_layers * cfg.channels * run->T;
+    printf("batch: B=%d T=%d, %d tokens per step (%d accumulation steps) | %d steps | train %lld batches per epoch\n",
+           run->B, run->T, run->total_batch, run->grad_accum, run->max_steps, (long long)run->train.num_batches);
+}
+
+// Fills the AdamW moments m, v (the model's size, host memory) for the start of the run: the
+// resume state's, the dense run's (--init-optimizer), or leaves them as they are (zeros).
+static inline void run_initial_moments(TrainingRun* run, float* m, float* v, size_t num_params) {
+    if (run->resuming) {
+        TrainState s;
+        read_train_state(checkpoint_path(run->args.output_dir, "state", run->start_step).c_str(), &s, m, v, num_params);
+        if (s.B != run->B || s.T != run->T || s.grad_accum != run->grad_accum) {
+            die("the checkpoint was trained with B=%d T=%d and %d accumulation steps; this run asks for B=%d T=%d and %d",
+                s.B, s.T, s.grad_accum, run->B, run->T, run->grad_accum);
+        }
+        if (s.max_steps != run->max_steps) {
+            warn("the checkpoint's run had %d steps, this one %d: the learning-rate schedule changes", s.max_steps, run->max_steps);
+        }
+        dataloader_seek(&run->train, s.shard_index, s.position);
+        run->sampler_counter = s.sampler_counter;
+        run->adam_step_offset = s.adam_step_offset;
+    } else if (!run->args.init_optimizer.empty()) {
+        run->adam_step_offset = upcycle_optimizer_state(&run->args, &run->config, m, v);
+    }
+}
+
+// the model file, the resume state, then the DONE marker (train_state.h); host buffers
+static inline void run_save_checkpoint(TrainingRun* run, int step, const float* params, const float* m, const float* v,
+                                       size_t num_params) {
+    const std::string& dir = run->args.output_dir;
+    std::string model_path = checkpoint_path(dir, "model", step), state_path = checkpoint_path(dir, "state", step);
+    write_checkpoint(model_path.c_str(), &run->config, params);
+    TrainState s;
+    s.step = step;
+    s.B = run->B;
+    s.T = run->T;
+    s.grad_accum = run->grad_accum;
+    s.num_params = num_params;
+    s.shard_index = run->train.shard_index;
+    s.position = run->train.position;
+    s.sampler_counter = run->sampler_counter;
+    s.max_steps = run->max_steps;
+    s.adam_step_offset = run->adam_step_offset;
+    write_train_state(state_path.c_str(), &s, m, v);
+    write_done_marker(dir, step);
+    printf("wrote %s and %s\n", model_path.c_str(), state_path.c_str());
+}
+
+// what happens at the top of step `step` (before its update): checkpoint, validation, sample
+static inline bool run_checkpoint_due(const TrainingRun* run, int step) {
+    bool last = step == run->max_steps;
+    return run->have_output && step > run->start_step && ((run->args.checkpoint_every > 0 && step % run->args.checkpoint_every == 0) || last);
+}
+static inline bool run_validation_due(const TrainingRun* run, int step) {
+    return run->have_val && ((run->args.val_every > 0 && step % run->args.val_every == 0) || step == run->max_steps);
+}
+static inline bool run_sample_due(const TrainingRun* run, int step) {
+    return run->args.sample_every > 0 && step > 0 && (step % run->args.sample_every == 0 || step == run->max_steps);
+}
+
+// One token from logits (the first V entries) with temperature 1; advances the sampler's counter.
+static inline int sample_token(const float* logits, int V, uint64_t seed, uint64_t* counter) {
+    float maxval = -INFINITY;
+    for (int v = 0; v < V; v++) { maxval = std::max(maxval, logits[v]); }
+    double sum = 0.0;
+    for (int v = 0; v < V; v++) { sum += exp((double)(logits[v] - maxval)); }
+    double coin = random_uniform(seed, rng_stream(RNG_SAMPLER, 0, 0, 0), (*counter)++) * sum, cdf = 0.0;
+    for (int v = 0; v < V; v++) {
+        cdf += exp((double)(logits[v] - maxval));
+        if (coin < cdf) { return v; }
+    }
+    return V - 1;
+}
+
+// `peak_flops` > 0 adds the model FLOPs utilisation against it
+static inline void run_print_step(TrainingRun* run, int step, double loss, double aux, double zl, float norm, float lr, double seconds,
+                                  double peak_flops) {
+    double tok_per_s = run->total_batch / seconds;
+    double flops = run->flops_per_token * tok_per_s;
+    printf("step %4d/%d | loss %.6f", step, run->max_steps, loss);
+    if (run->config.num_experts > 1) { printf(" | aux %.4f z %.4f", aux, zl); }
+    printf(" | norm %.4f | lr %.2e | %.1f ms | %.0f tok/s | %.1f GFLOP/s", norm, lr, seconds * 1e3, tok_per_s, flops / 1e9);
+    if (peak_flops > 0) { printf(" | MFU %.1f%%", 100.0 * flops / peak_flops); }
+    printf("\n");
+    logger_train(&run->logger, step, (float)loss, lr, norm);
+    if (run->config.num_experts > 1 && run->logger.moe_log) {
+        fprintf(run->logger.moe_log, "s:%d aux:%.6f z:%.6f\n", step, aux, zl);
+    }
+}
+
+static inline bool run_routing_report_due(const TrainingRun* run, int steps_done) {
+    return run->config.num_experts > 1 && run->args.stats_every > 0 && steps_done % run->args.stats_every == 0;
+}
+
+// One MoE layer's routing statistics since the last report: printed and logged.
+static inline void run_report_layer(TrainingRun* run, int step, int layer, const double* assignments, double total_assignments,
+                                    double dropped, double entropy_sum, double tokens) {
+    if (tokens == 0) { return; }
+    int E = run->config.num_experts;
+    std::string load;
+    for (int e = 0; e < E; e++) {
+        char buf[32];
+        snprintf(buf, sizeof(buf), "%s%.1f", e ? "," : "", 100.0 * assignments[e] / total_assignments);
+        load += buf;
+    }
+    double dropped_pct = 100.0 * dropped / total_assignments, entropy = entropy_sum / tokens;
+    printf("  layer %2d | load %% %s | dropped %.2f%% | entropy %.3f nats (max %.3f)\n", layer, load.c_str(), dropped_pct, entropy,
+           log((double)E));
+    if (run->logger.moe_log) {
+        fprintf(run->logger.moe_log, "s:%d layer:%d load:%s dropped:%.4f entropy:%.4f\n", step, layer, load.c_str(), dropped_pct, entropy);
+        fflush(run->logger.moe_log);
+    }
+}
+
+static inline void run_free(TrainingRun* run) {
+    logger_free(&run->logger);
+    dataloader_free(&run->train);
+    if (run->have_val) { dataloader_free(&run->val); }
+}
