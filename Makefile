@@ -1,9 +1,12 @@
 # The engine's build, in llm.c's spirit.
+#   make train_moe         the GPU engine (PRECISION=BF16 default, or PRECISION=FP32)
 #   make train_moe_cpu     the CPU twin (fp32, OpenMP)
 #   make test              the whole test suite; its last line is "N passed, M failed"
 #   make demo              data -> dense GPT-2 -> upcycled MoE -> dense vs MoE validation loss
 # Overridable: CXX, OPTFLAGS (default -O3 -march=native), NO_OMP=1 (build without OpenMP),
-# PYTHON (a python3 with torch, for the tests).
+# PYTHON (a python3 with torch, for the tests); for CUDA: NVCC, PRECISION, GPU_ARCH (detected
+# with nvidia-smi, sm_90 when there is nothing to detect), GPU_ARCHS (several, e.g. "80 90",
+# for one binary that runs on both), BUILD (the folder train_moe and test_moe go to).
 CXX ?= g++
 OPTFLAGS ?= -O3 -march=native
 WARNFLAGS = -Wall -Wextra -Wno-unused-parameter -Wno-unused-function
@@ -15,15 +18,40 @@ else
 endif
 COMMON_HEADERS = $(wildcard common/*.h)
 
-.PHONY: all test demo clean
+NVCC ?= nvcc
+PRECISION ?= BF16
+GPU_ARCH ?= $(shell nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -n 1 | tr -d .)
+ifeq ($(GPU_ARCH),)
+  GPU_ARCH = 90
+endif
+GPU_ARCHS ?= $(GPU_ARCH)
+NVCCFLAGS = -O3 -std=c++17 -lineinfo -Xcompiler -Wall,-Wno-unused-function,-fopenmp \
+            $(foreach a,$(GPU_ARCHS),-gencode arch=compute_$(a),code=sm_$(a))
+ifeq ($(PRECISION),FP32)
+  NVCCFLAGS += -DENABLE_FP32
+else ifneq ($(PRECISION),BF16)
+  $(error PRECISION must be BF16 or FP32, not $(PRECISION))
+endif
+CUDA_LIBS = -lcublasLt -lcublas -lgomp
+CUDA_HEADERS = $(wildcard kernels/*.cuh)
+BUILD ?= .
+
+.PHONY: all test demo clean train_moe test_moe
 
 all: train_moe_cpu
 
 train_moe_cpu: train_moe_cpu.cpp $(COMMON_HEADERS)
 	$(CXX) $(CXXFLAGS) $(OMPFLAGS) -o $@ $< -lm
 
-test_moe_cpu: test_moe_cpu.cpp train_moe_cpu.cpp $(COMMON_HEADERS)
+test_moe_cpu: test_moe_cpu.cpp train_moe_cpu.cpp tests/test_common.h $(COMMON_HEADERS)
 	$(CXX) $(CXXFLAGS) $(OMPFLAGS) -o $@ $< -lm
+
+# always rebuilt: the same name serves both precisions and any architecture
+train_moe: train_moe.cu $(COMMON_HEADERS) $(CUDA_HEADERS)
+	$(NVCC) $(NVCCFLAGS) -o $(BUILD)/train_moe $< $(CUDA_LIBS)
+
+test_moe: test_moe.cu train_moe.cu tests/test_common.h $(COMMON_HEADERS) $(CUDA_HEADERS)
+	$(NVCC) $(NVCCFLAGS) -o $(BUILD)/test_moe $< $(CUDA_LIBS)
 
 test:
 	bash tests/run_tests.sh
@@ -32,4 +60,4 @@ demo: train_moe_cpu
 	bash scripts/demo.sh
 
 clean:
-	rm -f train_moe_cpu test_moe_cpu
+	rm -f train_moe_cpu test_moe_cpu train_moe test_moe

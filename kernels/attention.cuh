@@ -24,7 +24,8 @@ Two versions, studied in dev/cuda/attention.cu (versions 1 and 3 there):
   - mma: tensor cores (mma.sync m16n8k16 bf16 -> fp32, sm_80+), 64-wide tiles fed by cp.async
     double buffering and ldmatrix, bf16 only, for hs a multiple of 8 (zero-padded to 16, 32, 64
     or 128) and 16-byte aligned tensors.
-attention_forward and attention_backward pick the mma version whenever it applies.
+attention_forward and attention_backward pick the mma version whenever it applies, unless the
+build defines ATTENTION_TILED_ONLY (to compare the two, and for the CPU emulation of tests/emu).
 */
 #pragma once
 
@@ -942,7 +943,7 @@ static void attention_backward_mma(floatX* dqkv, float* scratch, const floatX* d
 
 // out (B, T, C) and lse (B, NH, T) from qkv (B, T, 3C)
 static void attention_forward(floatX* out, float* lse, const floatX* qkv, int B, int T, int C, int NH, cudaStream_t stream) {
-#if !defined(ENABLE_FP32)
+#if !defined(ENABLE_FP32) && !defined(ATTENTION_TILED_ONLY)
     if (attention_mma_applies(qkv, out, out, C, NH)) {
         attention_forward_mma(out, lse, qkv, B, T, C, NH, stream);
         return;
@@ -957,7 +958,7 @@ static size_t attention_backward_scratch_floats(int B, int T, int NH) { return (
 // dqkv (B, T, 3C), overwritten, from dout (B, T, C), the forward's qkv, out and lse
 static void attention_backward(floatX* dqkv, float* scratch, const floatX* dout, const floatX* qkv, const floatX* out,
                                const float* lse, int B, int T, int C, int NH, cudaStream_t stream) {
-#if !defined(ENABLE_FP32)
+#if !defined(ENABLE_FP32) && !defined(ATTENTION_TILED_ONLY)
     if (attention_mma_applies(dqkv, dout, qkv, C, NH)) {
         attention_backward_mma(dqkv, scratch, dout, qkv, out, lse, B, T, C, NH, stream);
         return;

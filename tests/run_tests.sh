@@ -10,6 +10,8 @@
 #      bit-identical, checkpoints round-trip through the reference
 #   5. bad input: one clear error line, exit 1, no crash, nothing half-written
 #   6. the CUDA targets (tests/gpu_tests.sh): built with nvcc; run only where a GPU is
+#   7. the GPU engine's kernels on the CPU through a CUDA emulation (tests/emu/run.sh): test_moe
+#      in FP32 against the same reference states, checks named "emu.*"
 set -u
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -57,7 +59,7 @@ fi
 pass build "train_moe_cpu and test_moe_cpu"
 
 echo "== the data script and the PyTorch reference"
-run_checks data "$PYTHON" tests/test_data.py
+run_checks data "$PYTHON" tests/test_data.py ${SHARED_DATA:+--shared "$SHARED_DATA"}
 if ! "$PYTHON" -c "import torch" 2>/dev/null; then
     fail pytorch "no Python with torch found (install python3-torch; see .ci/run)"
 fi
@@ -95,8 +97,9 @@ for entry in "${CONFIGS[@]}"; do
     options=${entry#*|}
     state=$TMP/$name.state
     model=$TMP/$name.ref.bin
+    echo "$options" > "$TMP/$name.options"   # the GPU tests read the same configs
     # shellcheck disable=SC2086
-    if ! $REF debug -m "$DENSE" -i "$SHARD" $GEOMETRY --steps 5 --state "$state" --write-model "$model" $options > "$TMP/$name.ref.out" 2>&1; then
+    if ! $REF debug -m "$DENSE" -i "$SHARD" $GEOMETRY --steps 10 --state "$state" --write-model "$model" $options > "$TMP/$name.ref.out" 2>&1; then
         fail "$name" "the reference failed: $(tail -n 3 "$TMP/$name.ref.out" | tr '\n' ' ')"
         continue
     fi
@@ -255,9 +258,11 @@ else
 fi
 
 echo "== CUDA"
-if [ -f tests/gpu_tests.sh ]; then
-    run_checks gpu bash tests/gpu_tests.sh "$TMP"
-fi
+run_checks gpu bash tests/gpu_tests.sh "$TMP"
+grep -h "GPU tests skipped" "$TMP/gpu.out" || true
+
+echo "== the GPU engine's kernels on the CPU (CUDA emulation)"
+run_checks emu bash tests/emu/run.sh "$TMP"
 
 echo "$passed passed, $failed failed"
 [ "$failed" -eq 0 ]

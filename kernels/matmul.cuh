@@ -1,0 +1,123 @@
+/*
+The dense matmuls, through cuBLASLt: out (N, OC) = inp (N, C) @ weight^T + bias, with weight
+(OC, C) row-major as in llm.c, the bias added in cuBLASLt's epilogue; and the backward,
+dinp = dout @ weight, dweight += dout^T @ inp (fp32 gradients from floatX operands), dbias +=
+the column sums of dout (our own deterministic kernel).
+
+cuBLASLt is column-major. A row-major (R, K) matrix is the column-major (K, R) matrix with the
+same bytes, so, writing X' for the column-major view of X:
+    forward  out' (OC x N) = weight'^T (OC x C) . inp' (C x N)        m=OC n=N  k=C
+    dinp     dinp' (C x N) = weight' (C x OC) . dout' (OC x N)        m=C  n=N  k=OC
+    dweight  dweight' (C x OC) += inp' (C x N) . dout'^T (N x OC)     m=C  n=OC k=N
+Compute is fp32 (CUBLAS_COMPUTE_32F; never TF32), so the FP32 build is exact fp32 math.
+*/
+#pragma once
+
+#include "common.cuh"
+
+#if defined(ENABLE_FP32)
+static const cudaDataType_t CUDA_FLOATX = CUDA_R_32F;
+#else
+static const cudaDataType_t CUDA_FLOATX = CUDA_R_16BF;
+#endif
+
+#define CUBLASLT_WORKSPACE_BYTES (32 << 20)
+#define BIAS_ROWS_PER_BLOCK 64
+
+static cublasLtHandle_t cublaslt_handle;
+static void* cublaslt_workspace = NULL;
+
+// ----------------------------------------------------------------------------
+// CUDA kernels
+
+// partial column sums of dout (N, OC) over BIAS_ROWS_PER_BLOCK rows: partials (blocks, OC)
+__global__ void column_partials_kernel(float* partials, const floatX* dout, int N, int OC) {
+    int first = blockIdx.y * BIAS_ROWS_PER_BLOCK, last = min(first + BIAS_ROWS_PER_BLOCK, N);
+    int j = blockIdx.x * blockDim.x + threadIdx.x;
+    if (j >= OC) { return; }
+    float s = 0.0f;
+    for (int i = first; i < last; i++) { s += to_float(dout[(size_t)i * OC + j]); }
+    partials[(size_t)blockIdx.y * OC + j] = s;
+}
+
+__global__ void column_sum_kernel(float* dbias, const float* partials, int blocks, int OC) {
+    int j = blockIdx.x * blockDim.x + threadIdx.x;
+    if (j >= OC) { return; }
+    float s = 0.0f;
+    for (int b = 0; b < blocks; b++) { s += partials[(size_t)b * OC + j]; }
+    dbias[j] += s;
+}
+
+// ----------------------------------------------------------------------------
+// kernel launchers
+
+static void matmul_setup() {
+    cublasCheck(cublasLtCreate(&cublaslt_handle));
+    cudaCheck(cudaMalloc(&cublaslt_workspace, CUBLASLT_WORKSPACE_BYTES));
+}
+
+static void matmul_teardown() {
+    cudaCheck(cudaFree(cublaslt_workspace));
+    cublasCheck(cublasLtDestroy(cublaslt_handle));
+}
+
+// D (m x n, column-major, ldd) = op(A) . op(B) [+ beta D] [+ bias (m)], A and B floatX, D of d_type
+static void cublaslt_matmul(void* D, cudaDataType_t d_type, int ldd, const floatX* A, bool trans_a, int lda, const floatX* B,
+                            bool trans_b, int ldb, int m, int n, int k, const floatX* bias, float beta, cudaStream_t stream) {
+    cublasLtMatmulDesc_t desc;
+    cublasCheck(cublasLtMatmulDescCreate(&desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+    cublasOperation_t op_a = trans_a ? CUBLAS_OP_T : CUBLAS_OP_N, op_b = trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;
+    cublasCheck(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSA, &op_a, sizeof(op_a)));
+    cublasCheck(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSB, &op_b, sizeof(op_b)));
+    if (bias) {
+        cublasLtEpilogue_t epilogue = CUBLASLT_EPILOGUE_BIAS;
+        cublasCheck(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_EPILOGUE, &epilogue, sizeof(epilogue)));
+        cublasCheck(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof(bias)));
+    }
+    // the stored shapes: op(A) is m x k, so A is stored k x m when transposed
+    cublasLtMatrixLayout_t a_layout, b_layout, d_layout;
+    cublasCheck(cublasLtMatrixLayoutCreate(&a_layout, CUDA_FLOATX, trans_a ? k : m, trans_a ? m : k, lda));
+    cublasCheck(cublasLtMatrixLayoutCreate(&b_layout, CUDA_FLOATX, trans_b ? n : k, trans_b ? k : n, ldb));
+    cublasCheck(cublasLtMatrixLayoutCreate(&d_layout, d_type, m, n, ldd));
+    cublasLtMatmulPreference_t preference;
+    cublasCheck(cublasLtMatmulPreferenceCreate(&preference));
+    size_t workspace = CUBLASLT_WORKSPACE_BYTES;
+    cublasCheck(cublasLtMatmulPreferenceSetAttribute(preference, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &workspace, sizeof(workspace)));
+    cublasLtMatmulHeuristicResult_t heuristic;
+    int found = 0;
+    cublasCheck(cublasLtMatmulAlgoGetHeuristic(cublaslt_handle, desc, a_layout, b_layout, d_layout, d_layout, preference, 1, &heuristic, &found));
+    if (found == 0) {
+        die("cuBLASLt has no algorithm for m=%d n=%d k=%d (trans %d %d, bias %s, output %s)", m, n, k, trans_a, trans_b, bias ? "yes" : "no",
+            d_type == CUDA_R_32F ? "fp32" : "bf16");
+    }
+    float alpha = 1.0f;
+    cublasCheck(cublasLtMatmul(cublaslt_handle, desc, &alpha, A, a_layout, B, b_layout, &beta, D, d_layout, D, d_layout, &heuristic.algo,
+                               cublaslt_workspace, CUBLASLT_WORKSPACE_BYTES, stream));
+    cublasCheck(cublasLtMatmulPreferenceDestroy(preference));
+    cublasCheck(cublasLtMatrixLayoutDestroy(a_layout));
+    cublasCheck(cublasLtMatrixLayoutDestroy(b_layout));
+    cublasCheck(cublasLtMatrixLayoutDestroy(d_layout));
+    cublasCheck(cublasLtMatmulDescDestroy(desc));
+}
+
+// out (N, OC) = inp (N, C) @ weight^T + bias; bias (OC) or NULL
+static void matmul_forward(floatX* out, const floatX* inp, const floatX* weight, const floatX* bias, int N, int C, int OC, cudaStream_t stream) {
+    cublaslt_matmul(out, CUDA_FLOATX, OC, weight, true, C, inp, false, C, OC, N, C, bias, 0.0f, stream);
+}
+
+static size_t matmul_backward_scratch_floats(int N, int OC) { return (size_t)ceil_div_int(N, BIAS_ROWS_PER_BLOCK) * OC; }
+
+// dinp (N, C) = dout @ weight (overwritten; NULL: skipped); dweight (OC, C) fp32 += dout^T @ inp;
+// dbias (OC) fp32 += column sums of dout (NULL: skipped)
+static void matmul_backward(floatX* dinp, float* dweight, float* dbias, float* scratch, const floatX* dout, const floatX* inp,
+                            const floatX* weight, int N, int C, int OC, cudaStream_t stream) {
+    if (dinp) { cublaslt_matmul(dinp, CUDA_FLOATX, C, weight, false, C, dout, false, OC, C, N, OC, NULL, 0.0f, stream); }
+    cublaslt_matmul(dweight, CUDA_R_32F, C, inp, false, C, dout, true, OC, C, OC, N, NULL, 1.0f, stream);
+    if (dbias) {
+        int blocks = ceil_div_int(N, BIAS_ROWS_PER_BLOCK);
+        column_partials_kernel<<<dim3(ceil_div_int(OC, 256), blocks), 256, 0, stream>>>(scratch, dout, N, OC);
+        cudaCheckLaunch();
+        column_sum_kernel<<<ceil_div_int(OC, 256), 256, 0, stream>>>(dbias, scratch, blocks, OC);
+        cudaCheckLaunch();
+    }
+}

@@ -1,0 +1,530 @@
+/*
+The router of an MoE layer, in fp32 always (doc/routing.md sections 1, 2, 5, 6). Everything the
+permutation and the experts need is decided on the device: the host never waits for a count.
+
+  router_forward    logits z = h . Wr^T, p = softmax(z), top-k by z (ties to the lower expert),
+                    combine weights (renormalised or not), the capacity rule (dropless, or a
+                    capacity with order or score priority) or expert choice, the expert-contiguous
+                    row layout, each token's rows, and the load-balancing and z losses.
+  router_backward   combine-weight gradients (from unpermute_tokens_backward) and the auxiliary
+                    losses through the softmax to dh += dz . Wr and dWr += dz^T h.
+  routing_stats_*   the per-layer report: expert shares, dropped fraction, routing entropy.
+
+The kernels:
+  router_scores_kernel   one warp per token. E dot products of length C (lanes over channels,
+                         warp sums), softmax and log-sum-exp, then k rounds of a warp arg-max for
+                         the top-k and the combine weights.
+  priority_rank_kernel   only for a capacity with score priority, and for expert choice: one
+                         thread per candidate counts the candidates of its expert ahead of it in
+                         priority order. O(N) per candidate: fine for these ablations.
+  route_layout_kernel    one block for the layer. Per expert, block-wide scans over the choices:
+                         in priority order (a choice is kept when fewer than cap choices of its
+                         expert come before it) and in token order (its row). Then each token's
+                         rows and the auxiliary losses, summed in a fixed order.
+  router_backward_kernel one warp per token: dw -> dp -> dz, and dh += dz . Wr.
+  router_weight_grad_*   dWr as partial sums over chunks of tokens, then the chunks in order.
+Every sum has a fixed order: two runs give the same bits.
+*/
+#pragma once
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "common.cuh"
+#include "../common/model_config.h"
+
+#define ROUTE_THREADS 1024      // the one block of route_layout_kernel
+#define ROUTER_TOKEN_CHUNK 128  // tokens per partial sum of dWr
+
+// One MoE layer's routing of one micro-batch, on the device. Rows are the kept (token, expert)
+// pairs, expert by expert, in token order within an expert (doc/routing.md section 3).
+struct DeviceRouting {
+    int N, E, k, C, max_rows;  // the sizes the buffers hold
+    int n;                     // tokens of the last forward
+    // per token
+    float* logits;             // (N, E) fp32
+    float* probs;              // (N, E) softmax of the logits
+    float* lse;                // (N) log-sum-exp of each token's logits
+    int* choice_expert;        // (N*k) token choice: token t's j-th expert, by decreasing logit
+    float* choice_weight;      // (N*k) its combine weight
+    int* choice_row;           // (N*k) its row, or -1 where capacity dropped it
+    int* rank;                 // (N*max(k,E)) candidates ahead in priority order (score priority, expert choice)
+    int* pair_row;             // (N*E) expert choice: the row of (token, expert), or -1
+    // the rows
+    int* tokens_per_expert;    // (E) kept rows of each expert
+    int* expert_offsets;       // (E+1) first row of each expert; expert_offsets[E] rows in all
+    int* row_token;            // (max_rows) the token of each row
+    float* row_weight;         // (max_rows) its combine weight
+    int* token_row_offsets;    // (N+1) each token's rows, in combine order
+    int* token_rows;           // (max_rows)
+    // this forward's counts and losses
+    int* assignments;          // (E) choices of each expert before dropping
+    int* counts;               // (2) assignments in all, dropped ones
+    int* num_dropped;          // counts + 1
+    float* balance_loss;       // (1) E * sum_e f_e P_e
+    float* z_loss;             // (1) mean_t lse_t^2
+    // backward
+    float* drow_weight;        // (max_rows) dL/d row_weight, from unpermute_tokens_backward
+    float* dlogits;            // (N, E)
+    float* drouterw_partial;   // (ceil(N / ROUTER_TOKEN_CHUNK), E, C)
+    // accumulated between two reports: assignments (E), total, dropped, entropy sum, tokens
+    double* stats;             // (E + 4)
+};
+
+// ----------------------------------------------------------------------------
+// CUDA kernels
+
+// Warp arg-max of (value, index) pairs under "larger value, then lower index"; -1 loses to all.
+__device__ __forceinline__ void warp_argmax(float* value, int* index) {
+    for (int offset = 16; offset > 0; offset >>= 1) {
+        float v = __shfl_xor_sync(0xffffffff, *value, offset);
+        int i = __shfl_xor_sync(0xffffffff, *index, offset);
+        bool better = i >= 0 && (*index < 0 || v > *value || (v == *value && i < *index));
+        if (better) { *value = v; *index = i; }
+    }
+}
+
+// One warp per token: logits, softmax, lse and, for token choice (k > 0), the top-k and weights.
+// Shared memory: per warp, E floats (the logits) and E ints (taken flags).
+__global__ void router_scores_kernel(float* logits, float* probs, float* lse, int* choice_expert, float* choice_weight, const floatX* h,
+                                     const float* routerw, int N, int C, int E, int k, int renorm) {
+    extern __shared__ float smem[];
+    int warps = blockDim.x / WARP_SIZE, warp = threadIdx.x / WARP_SIZE, lane = threadIdx.x % WARP_SIZE;
+    float* z = smem + warp * E;
+    int* taken = (int*)(smem + warps * E) + warp * E;
+    int t = blockIdx.x * warps + warp;
+    if (t >= N) { return; }  // the whole warp leaves together
+    const floatX* ht = h + (size_t)t * C;
+    for (int e = 0; e < E; e++) {
+        const float* w = routerw + (size_t)e * C;
+        float acc = 0.0f;
+        for (int c = lane; c < C; c += WARP_SIZE) { acc += to_float(ht[c]) * w[c]; }
+        acc = warp_reduce_sum(acc);
+        if (lane == 0) { z[e] = acc; }
+    }
+    __syncwarp();
+    float maxval = -INFINITY;
+    for (int e = lane; e < E; e += WARP_SIZE) { maxval = fmaxf(maxval, z[e]); }
+    maxval = warp_reduce_max(maxval);
+    float sum = 0.0f;
+    for (int e = lane; e < E; e += WARP_SIZE) { sum += expf(z[e] - maxval); }
+    sum = warp_reduce_sum(sum);
+    float* pt = probs + (size_t)t * E;
+    for (int e = lane; e < E; e += WARP_SIZE) {
+        logits[(size_t)t * E + e] = z[e];
+        pt[e] = expf(z[e] - maxval) / sum;
+        taken[e] = 0;
+    }
+    if (lane == 0) { lse[t] = maxval + logf(sum); }
+    __syncwarp();
+    // top-k by logit: k rounds of an arg-max over the experts not yet taken
+    float chosen_sum = 0.0f;
+    for (int j = 0; j < k; j++) {
+        float best = -INFINITY;
+        int best_e = -1;
+        for (int e = lane; e < E; e += WARP_SIZE) {
+            if (!taken[e] && (best_e < 0 || z[e] > best)) { best = z[e]; best_e = e; }
+        }
+        warp_argmax(&best, &best_e);
+        if (lane == 0) {
+            taken[best_e] = 1;
+            choice_expert[(size_t)t * k + j] = best_e;
+        }
+        __syncwarp();
+        chosen_sum += pt[best_e];  // every lane, in choice order (pt was written by this warp)
+    }
+    for (int j = lane; j < k; j += WARP_SIZE) {
+        float pj = pt[choice_expert[(size_t)t * k + j]];
+        choice_weight[(size_t)t * k + j] = renorm ? pj / chosen_sum : pj;
+    }
+}
+
+// rank[i] = candidates of the same expert ahead of candidate i in priority order.
+// Token choice with score priority (candidates i = t*k + j): every choice of an earlier slot, and
+// in the same slot those with a larger p, or an equal p and a lower token.
+// Expert choice (candidates i = t*E + e): tokens with a larger p[.][e], or equal and lower.
+__global__ void priority_rank_kernel(int* rank, const int* choice_expert, const float* probs, int N, int E, int k, int expert_choice) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (expert_choice) {
+        if (i >= N * E) { return; }
+        int t = i / E, e = i % E;
+        float p = probs[i];
+        int ahead = 0;
+        for (int u = 0; u < N; u++) {
+            float q = probs[(size_t)u * E + e];
+            ahead += q > p || (q == p && u < t);
+        }
+        rank[i] = ahead;
+        return;
+    }
+    if (i >= N * k) { return; }
+    int t = i / k, j = i % k, e = choice_expert[i];
+    float p = probs[(size_t)t * E + e];
+    int ahead = 0;
+    for (int u = 0; u < N; u++) {
+        for (int jj = 0; jj < j; jj++) { ahead += choice_expert[u * k + jj] == e; }
+        if (choice_expert[u * k + j] == e) {
+            float q = probs[(size_t)u * E + e];
+            ahead += q > p || (q == p && u < t);
+        }
+    }
+    rank[i] = ahead;
+}
+
+// Exclusive prefix sum over the block of one int per thread; *total gets the sum. `shared`
+// holds 33 ints. Every thread must call it.
+__device__ int block_exclusive_scan(int v, int* shared, int* total) {
+    int lane = threadIdx.x % WARP_SIZE, warp = threadIdx.x / WARP_SIZE, warps = blockDim.x / WARP_SIZE;
+    int inclusive = v;
+    for (int offset = 1; offset < WARP_SIZE; offset <<= 1) {
+        int u = __shfl_up_sync(0xffffffff, inclusive, offset);
+        if (lane >= offset) { inclusive += u; }
+    }
+    __syncthreads();  // earlier users of `shared` are done
+    if (lane == WARP_SIZE - 1) { shared[warp] = inclusive; }
+    __syncthreads();
+    if (warp == 0) {
+        int s = lane < warps ? shared[lane] : 0, x = s;
+        for (int offset = 1; offset < WARP_SIZE; offset <<= 1) {
+            int u = __shfl_up_sync(0xffffffff, x, offset);
+            if (lane >= offset) { x += u; }
+        }
+        if (lane < warps) { shared[lane] = x - s; }  // exclusive prefix of the warp totals
+        if (lane == WARP_SIZE - 1) { shared[WARP_SIZE] = x; }
+    }
+    __syncthreads();
+    *total = shared[WARP_SIZE];
+    return shared[warp] + inclusive - v;
+}
+
+// Sum over the block in double, returned to every thread; `shared` holds 32 doubles.
+__device__ double block_reduce_sum_double(double v, double* shared) {
+    int lane = threadIdx.x % WARP_SIZE, warp = threadIdx.x / WARP_SIZE, warps = blockDim.x / WARP_SIZE;
+    for (int offset = 16; offset > 0; offset >>= 1) { v += __shfl_xor_sync(0xffffffff, v, offset); }
+    __syncthreads();
+    if (lane == 0) { shared[warp] = v; }
+    __syncthreads();
+    v = lane < warps ? shared[lane] : 0.0;
+    for (int offset = 16; offset > 0; offset >>= 1) { v += __shfl_xor_sync(0xffffffff, v, offset); }
+    return v;
+}
+
+// The whole layout in one block (see the file's comment). Token choice: M = N*k candidates,
+// i = t*k + j; cap < 0 is dropless; rank is read only with score priority. Expert choice:
+// M = N*E candidates, i = t*E + e, a candidate is kept when its rank < cap.
+struct RouteLayoutArgs {
+    int N, E, k, cap, priority, expert_choice;
+};
+
+__global__ void __launch_bounds__(ROUTE_THREADS) route_layout_kernel(DeviceRouting r, RouteLayoutArgs a) {
+    __shared__ int scan_shared[WARP_SIZE + 1];
+    __shared__ double sum_shared[WARP_SIZE];
+    int N = a.N, E = a.E, tid = threadIdx.x, threads = blockDim.x;
+    bool ec = a.expert_choice;
+    int per_token = ec ? E : a.k;  // candidates per token
+    int M = N * per_token;
+    // this thread's contiguous chunks: of candidates (token-major) and of tokens
+    int per = (M + threads - 1) / threads, c0 = min(M, tid * per), c1 = min(M, c0 + per);
+    int tper = (N + threads - 1) / threads, t0 = min(N, tid * tper), t1 = min(N, t0 + tper);
+
+    // 1. which candidates are kept: choice_row (token choice) or pair_row (expert choice) = 0 if kept, -1 if not
+    int* keep = ec ? r.pair_row : r.choice_row;
+    for (int i = c0; i < c1; i++) {
+        bool kept = ec || a.priority == PRIORITY_SCORE ? (a.cap < 0 || r.rank[i] < a.cap) : true;
+        keep[i] = kept ? 0 : -1;
+    }
+    __syncthreads();
+    if (!ec && a.cap >= 0 && a.priority == PRIORITY_ORDER) {
+        // order priority: slot-major order q = j*N + t; per expert, a choice is kept when fewer
+        // than cap choices of its expert come before it. Chunks of q this time.
+        for (int e = 0; e < E; e++) {
+            int count = 0, total;
+            for (int q = c0; q < c1; q++) { count += r.choice_expert[(q % N) * a.k + q / N] == e; }
+            int before = block_exclusive_scan(count, scan_shared, &total);
+            for (int q = c0; q < c1; q++) {
+                int i = (q % N) * a.k + q / N;
+                if (r.choice_expert[i] == e) { keep[i] = before++ < a.cap ? 0 : -1; }
+            }
+        }
+    }
+    __syncthreads();
+
+    // 2. per expert: its rows in token order, the counts, and P_e for the balance loss
+    int offset = 0;
+    double balance = 0.0;
+    for (int e = 0; e < E; e++) {
+        int kept = 0, all = 0, total_kept, total_all;
+        for (int i = c0; i < c1; i++) {
+            bool mine = ec ? i % E == e : r.choice_expert[i] == e;
+            all += mine;
+            kept += mine && keep[i] == 0;
+        }
+        int row = offset + block_exclusive_scan(kept, scan_shared, &total_kept);
+        block_exclusive_scan(all, scan_shared, &total_all);
+        for (int i = c0; i < c1; i++) {
+            bool mine = ec ? i % E == e : r.choice_expert[i] == e;
+            if (!mine || keep[i] != 0) { continue; }
+            int t = i / per_token;
+            keep[i] = row;
+            r.row_token[row] = t;
+            r.row_weight[row] = ec ? r.probs[(size_t)t * E + e] : r.choice_weight[i];
+            row++;
+        }
+        double P = 0.0;
+        for (int t = t0; t < t1; t++) { P += r.probs[(size_t)t * E + e]; }
+        P = block_reduce_sum_double(P, sum_shared);
+        if (tid == 0) {
+            r.expert_offsets[e] = offset;
+            r.tokens_per_expert[e] = total_kept;
+            r.assignments[e] = total_all;
+        }
+        balance += (double)total_all / M * (P / N);
+        offset += total_kept;
+    }
+    if (tid == 0) {
+        r.expert_offsets[E] = offset;
+        r.counts[0] = M;
+        r.counts[1] = ec ? 0 : M - offset;
+    }
+    __syncthreads();
+
+    // 3. each token's rows, in combine order (choice order, or expert order)
+    int count = 0, total;
+    for (int t = t0; t < t1; t++) {
+        for (int j = 0; j < per_token; j++) { count += keep[t * per_token + j] >= 0; }
+    }
+    int at = block_exclusive_scan(count, scan_shared, &total);
+    for (int t = t0; t < t1; t++) {
+        r.token_row_offsets[t] = at;
+        for (int j = 0; j < per_token; j++) {
+            int row = keep[t * per_token + j];
+            if (row >= 0) { r.token_rows[at++] = row; }
+        }
+    }
+    if (tid == 0) { r.token_row_offsets[N] = total; }
+
+    // 4. the auxiliary losses
+    double z2 = 0.0;
+    for (int t = t0; t < t1; t++) { z2 += (double)r.lse[t] * r.lse[t]; }
+    z2 = block_reduce_sum_double(z2, sum_shared);
+    if (tid == 0) {
+        // the assignments fraction f_e of expert choice is cap / (E cap) = 1/E for every expert
+        *r.balance_loss = (float)(E * balance);
+        *r.z_loss = (float)(z2 / N);
+    }
+}
+
+// One warp per token: the combine-weight gradients dw, dp (renorm or not), the balance term,
+// the softmax backward and the z term into dz = dlogits[t], then dh[t] += dz . Wr.
+__global__ void router_backward_kernel(floatX* dh, float* dlogits, const float* drow_weight, const int* choice_expert,
+                                       const float* choice_weight, const int* choice_row, const int* pair_row, const float* probs,
+                                       const float* lse, const int* assignments, const int* counts, const float* routerw, float alpha,
+                                       float beta, int N, int C, int E, int k, int renorm) {
+    extern __shared__ float smem[];
+    int warps = blockDim.x / WARP_SIZE, warp = threadIdx.x / WARP_SIZE, lane = threadIdx.x % WARP_SIZE;
+    float* dp = smem + warp * E;
+    int t = blockIdx.x * warps + warp;
+    if (t >= N) { return; }
+    const float* p = probs + (size_t)t * E;
+    if (k > 0) {
+        for (int e = lane; e < E; e += WARP_SIZE) { dp[e] = 0.0f; }
+        __syncwarp();
+        if (lane == 0) {
+            // k is small: one lane, in choice order as the CPU twin sums
+            const int* chosen = choice_expert + (size_t)t * k;
+            float S = 0.0f, wdw = 0.0f;
+            for (int j = 0; j < k; j++) {
+                int row = choice_row[(size_t)t * k + j];
+                float g = row >= 0 ? drow_weight[row] : 0.0f;
+                dp[chosen[j]] = g;
+                S += p[chosen[j]];
+                wdw += choice_weight[(size_t)t * k + j] * g;
+            }
+            if (renorm) {
+                for (int j = 0; j < k; j++) { dp[chosen[j]] = (dp[chosen[j]] - wdw) / S; }
+            }
+        }
+    } else {
+        for (int e = lane; e < E; e += WARP_SIZE) {
+            int row = pair_row[(size_t)t * E + e];
+            dp[e] = row >= 0 ? drow_weight[row] : 0.0f;
+        }
+    }
+    __syncwarp();
+    // the balance loss: dL/dp[t][e] = alpha E f_e / N, the same for every token
+    float pdp = 0.0f;
+    for (int e = lane; e < E; e += WARP_SIZE) {
+        dp[e] += alpha * E * ((float)assignments[e] / counts[0]) / N;
+        pdp += p[e] * dp[e];
+    }
+    pdp = warp_reduce_sum(pdp);
+    float z_term = 2.0f * beta * lse[t] / N;
+    for (int e = lane; e < E; e += WARP_SIZE) {
+        float dz = p[e] * (dp[e] - pdp) + z_term * p[e];
+        dlogits[(size_t)t * E + e] = dz;
+        dp[e] = dz;
+    }
+    __syncwarp();
+    floatX* dht = dh + (size_t)t * C;
+    for (int c = lane; c < C; c += WARP_SIZE) {
+        float acc = 0.0f;
+        for (int e = 0; e < E; e++) { acc += dp[e] * routerw[(size_t)e * C + c]; }
+        dht[c] = from_float<floatX>(to_float(dht[c]) + acc);
+    }
+}
+
+// partial[chunk][e][c] = sum over the chunk's tokens t (in order) of dlogits[t][e] h[t][c]
+__global__ void router_weight_grad_partial_kernel(float* partial, const float* dlogits, const floatX* h, int N, int C, int E) {
+    int c = blockIdx.x * blockDim.x + threadIdx.x, e = blockIdx.y, chunk = blockIdx.z;
+    if (c >= C) { return; }
+    int t0 = chunk * ROUTER_TOKEN_CHUNK, t1 = min(N, t0 + ROUTER_TOKEN_CHUNK);
+    float acc = 0.0f;
+    for (int t = t0; t < t1; t++) { acc += dlogits[(size_t)t * E + e] * to_float(h[(size_t)t * C + c]); }
+    partial[((size_t)chunk * E + e) * C + c] = acc;
+}
+
+// drouterw[e][c] += the chunks' partial sums, in chunk order
+__global__ void router_weight_grad_sum_kernel(float* drouterw, const float* partial, int chunks, int C, int E) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= E * C) { return; }
+    float acc = 0.0f;
+    for (int chunk = 0; chunk < chunks; chunk++) { acc += partial[(size_t)chunk * E * C + i]; }
+    drouterw[i] += acc;
+}
+
+// stats += this forward's assignments, counts, entropy sum and tokens (one block)
+__global__ void routing_stats_kernel(double* stats, const int* assignments, const int* counts, const float* probs, int N, int E) {
+    __shared__ double shared[WARP_SIZE];
+    double h = 0.0;
+    for (int t = threadIdx.x; t < N; t += blockDim.x) {
+        for (int e = 0; e < E; e++) {
+            double p = probs[(size_t)t * E + e];
+            if (p > 0) { h -= p * log(p); }
+        }
+    }
+    h = block_reduce_sum_double(h, shared);
+    if (threadIdx.x == 0) {
+        for (int e = 0; e < E; e++) { stats[e] += assignments[e]; }
+        stats[E] += counts[0];
+        stats[E + 1] += counts[1];
+        stats[E + 2] += h;
+        stats[E + 3] += N;
+    }
+}
+
+// ----------------------------------------------------------------------------
+// kernel launchers
+
+// tokens per block of the warp-per-token kernels, and their shared memory (E floats and E ints per warp)
+static int router_warps_per_block(int E) { return E <= 256 ? 8 : 2; }
+static size_t router_shared_bytes(int E) { return (size_t)router_warps_per_block(E) * E * (sizeof(float) + sizeof(int)); }
+
+// Buffers for up to N tokens, E experts, top-k (expert choice: k = 0 is fine), max_rows rows, C channels.
+static void routing_alloc(DeviceRouting* r, int N, int E, int k, int max_rows, int C) {
+    memset(r, 0, sizeof(*r));
+    r->N = N;
+    r->E = E;
+    r->k = k;
+    r->C = C;
+    r->max_rows = max_rows;
+    size_t NE = (size_t)N * E, Nk = (size_t)N * std::max(k, 1);
+    r->logits = cuda_malloc<float>(NE);
+    r->probs = cuda_malloc<float>(NE);
+    r->lse = cuda_malloc<float>(N);
+    r->choice_expert = cuda_malloc<int>(Nk);
+    r->choice_weight = cuda_malloc<float>(Nk);
+    r->choice_row = cuda_malloc<int>(Nk);
+    r->rank = cuda_malloc<int>(std::max(Nk, NE));
+    r->pair_row = cuda_malloc<int>(NE);
+    r->tokens_per_expert = cuda_malloc<int>(E);
+    r->expert_offsets = cuda_malloc<int>(E + 1);
+    r->row_token = cuda_malloc<int>(std::max(max_rows, 1));
+    r->row_weight = cuda_malloc<float>(std::max(max_rows, 1));
+    r->token_row_offsets = cuda_malloc<int>(N + 1);
+    r->token_rows = cuda_malloc<int>(std::max(max_rows, 1));
+    r->assignments = cuda_malloc<int>(E);
+    r->counts = cuda_malloc<int>(2);
+    r->num_dropped = r->counts + 1;
+    float* losses = cuda_malloc<float>(2);
+    r->balance_loss = losses;
+    r->z_loss = losses + 1;
+    r->drow_weight = cuda_malloc<float>(std::max(max_rows, 1));
+    r->dlogits = cuda_malloc<float>(NE);
+    r->drouterw_partial = cuda_malloc<float>((size_t)ceil_div_int(N, ROUTER_TOKEN_CHUNK) * E * C);
+    r->stats = cuda_malloc<double>(E + 4);
+    cudaCheck(cudaMemset(r->stats, 0, (E + 4) * sizeof(double)));
+    // the warp-per-token kernels' shared memory can exceed the 48 KiB default for large E
+    size_t smem = router_shared_bytes(E);
+    cudaCheck(cudaFuncSetAttribute(router_scores_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+    cudaCheck(cudaFuncSetAttribute(router_backward_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+}
+
+static void routing_free(DeviceRouting* r) {
+    void* ps[] = {r->logits, r->probs, r->lse, r->choice_expert, r->choice_weight, r->choice_row, r->rank, r->pair_row,
+                  r->tokens_per_expert, r->expert_offsets, r->row_token, r->row_weight, r->token_row_offsets, r->token_rows,
+                  r->assignments, r->counts, r->balance_loss, r->drow_weight, r->dlogits, r->drouterw_partial, r->stats};
+    for (void* p : ps) { cudaCheck(cudaFree(p)); }
+    memset(r, 0, sizeof(*r));
+}
+
+// The routing of n tokens h (n, C) with the fp32 router weights routerw (E, C): scores, choices,
+// the row layout and the auxiliary losses, all on the device (see the file's comment).
+static void router_forward(DeviceRouting* r, const floatX* h, const float* routerw, const ModelConfig* cfg, int n, int C, cudaStream_t stream) {
+    int E = cfg->num_experts;
+    bool ec = cfg->router == ROUTER_EXPERT;
+    int k = ec ? 0 : cfg->top_k;
+    if (n > r->N || E != r->E || C != r->C || (!ec && k != r->k) || max_routing_rows(cfg, n) > r->max_rows) {
+        die("router_forward: %d tokens, E=%d, k=%d, C=%d do not fit the routing buffers (%d, %d, %d, %d)", n, E, k, C, r->N, r->E, r->k, r->C);
+    }
+    r->n = n;
+    int warps = router_warps_per_block(E);
+    router_scores_kernel<<<ceil_div_int(n, warps), warps * WARP_SIZE, router_shared_bytes(E), stream>>>(
+        r->logits, r->probs, r->lse, r->choice_expert, r->choice_weight, h, routerw, n, C, E, k, cfg->renorm);
+    cudaCheckLaunch();
+    RouteLayoutArgs a = {n, E, k, ec ? expert_choice_capacity(cfg, n) : token_choice_capacity(cfg, n), cfg->capacity_priority, ec};
+    if (ec || (a.cap >= 0 && a.priority == PRIORITY_SCORE)) {
+        int candidates = n * (ec ? E : k);
+        priority_rank_kernel<<<ceil_div_int(candidates, 256), 256, 0, stream>>>(r->rank, r->choice_expert, r->probs, n, E, k, ec);
+        cudaCheckLaunch();
+    }
+    route_layout_kernel<<<1, ROUTE_THREADS, 0, stream>>>(*r, a);
+    cudaCheckLaunch();
+}
+
+// dh (n, C) += and drouterw (E, C) += the router's share of the gradient, from r->drow_weight
+// (written by unpermute_tokens_backward) and the auxiliary losses. alpha and beta carry the
+// micro-batch's loss scale.
+static void router_backward(floatX* dh, float* drouterw, DeviceRouting* r, const floatX* h, const float* routerw, const ModelConfig* cfg,
+                            float alpha, float beta, int n, int C, cudaStream_t stream) {
+    int E = cfg->num_experts, k = cfg->router == ROUTER_EXPERT ? 0 : cfg->top_k;
+    int warps = router_warps_per_block(E);
+    router_backward_kernel<<<ceil_div_int(n, warps), warps * WARP_SIZE, router_shared_bytes(E), stream>>>(
+        dh, r->dlogits, r->drow_weight, r->choice_expert, r->choice_weight, r->choice_row, r->pair_row, r->probs, r->lse, r->assignments,
+        r->counts, routerw, alpha, beta, n, C, E, k, cfg->renorm);
+    cudaCheckLaunch();
+    int chunks = ceil_div_int(n, ROUTER_TOKEN_CHUNK);
+    router_weight_grad_partial_kernel<<<dim3(ceil_div_int(C, 128), E, chunks), 128, 0, stream>>>(r->drouterw_partial, r->dlogits, h, n, C, E);
+    cudaCheckLaunch();
+    router_weight_grad_sum_kernel<<<ceil_div_int((long long)E * C, 256), 256, 0, stream>>>(drouterw, r->drouterw_partial, chunks, C, E);
+    cudaCheckLaunch();
+}
+
+// adds the last forward's counts and entropy to the report's sums (training batches only)
+static void routing_stats_accumulate(DeviceRouting* r, cudaStream_t stream) {
+    routing_stats_kernel<<<1, 1024, 0, stream>>>(r->stats, r->assignments, r->counts, r->probs, r->n, r->E);
+    cudaCheckLaunch();
+}
+
+// reads the sums since the last read (waits for the GPU) and clears them
+static void routing_stats_read(DeviceRouting* r, double* assignments, double* total, double* dropped, double* entropy_sum, double* tokens) {
+    std::vector<double> s(r->E + 4);
+    cudaCheck(cudaDeviceSynchronize());
+    cudaCheck(cudaMemcpy(s.data(), r->stats, s.size() * sizeof(double), cudaMemcpyDeviceToHost));
+    cudaCheck(cudaMemset(r->stats, 0, s.size() * sizeof(double)));
+    for (int e = 0; e < r->E; e++) { assignments[e] = s[e]; }
+    *total = s[r->E];
+    *dropped = s[r->E + 1];
+    *entropy_sum = s[r->E + 2];
+    *tokens = s[r->E + 3];
+}

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# The benchmark of design.md: GPT-2 124M shapes (d12), T=1024, bf16, on one GPU: dense (-e 1) and
+# MoE (8 experts, top-2, every other layer) side by side, tokens/s, MFU, ms per step (median of
+# the steps after warm-up) and peak memory; then the PyTorch reference on the same GPU.
+# Usage: scripts/bench.sh [OUTFILE]   (B=8 STEPS=30 by default; needs the Tiny Shakespeare shards)
+set -u
+cd "$(dirname "$0")/.."
+OUTFILE=${1:-/dev/stdout}
+B=${B:-8}
+STEPS=${STEPS:-30}
+DATA=dev/data/tinyshakespeare/tiny_shakespeare_train.bin
+[ -f "$DATA" ] || { echo "bench: no $DATA (run dev/data/prepare.py)"; exit 1; }
+[ -x ./train_moe ] || make -s train_moe || exit 1
+PYTHON=${PYTHON:-python3}
+
+# median of a column over the step lines after the first 5
+median() { grep -E '^step +[0-9]+/' | awk -v col="$1" 'NR > 5 { for (i = 1; i <= NF; i++) if ($i == col) print $(i - 1) }' | sort -g | awk '{ v[NR] = $1 } END { if (NR) print v[int((NR + 1) / 2)]; else print "n/a" }'; }
+mfu() { grep -E '^step +[0-9]+/' | awk 'NR > 5 { for (i = 1; i <= NF; i++) if ($i == "MFU") print $(i + 1) }' | tr -d '%' | sort -g | awk '{ v[NR] = $1 } END { if (NR) print v[int((NR + 1) / 2)] "%"; else print "n/a" }'; }
+
+{
+    echo "| run | ms/step | tokens/s | MFU | peak memory |"
+    echo "|---|---|---|---|---|"
+    for entry in "dense|-e 1" "MoE 8x top-2, every2|-e 8 -k 2"; do
+        name=${entry%%|*}
+        options=${entry#*|}
+        # shellcheck disable=SC2086
+        log=$(./train_moe -m d12 $options -i "$DATA" -j "$DATA" -b "$B" -t 1024 -x "$STEPS" -v 0 --val-steps 1 -s 0 --stats-every 0 2>&1)
+        echo "$log" > "/tmp/bench_$(echo "$name" | tr -c 'a-zA-Z0-9' _).log"
+        ms=$(echo "$log" | median ms)
+        tps=$(echo "$log" | median tok/s)
+        peak=$(echo "$log" | grep -o 'peak memory [0-9.]* GiB' | head -n 1 | awk '{print $3 " GiB"}')
+        echo "| train_moe $name | $ms | $tps | $(echo "$log" | mfu) | ${peak:-n/a} |"
+    done
+    for entry in "dense|-e 1" "MoE 8x top-2, every2|-e 8 -k 2"; do
+        name=${entry%%|*}
+        options=${entry#*|}
+        # shellcheck disable=SC2086
+        line=$("$PYTHON" dev/train_moe.py bench -m d12 -i "$DATA" -b "$B" -t 1024 --steps 10 --device cuda $options 2>&1 | grep '^bench:')
+        ms=$(echo "$line" | grep -o 'median [0-9.]* ms' | awk '{print $2}')
+        tps=$(echo "$line" | grep -o '[0-9.]* tokens/s' | awk '{print $1}')
+        echo "| PyTorch reference (fp32) $name | ${ms:-n/a} | ${tps:-n/a} | | |"
+    done
+} > "$OUTFILE"

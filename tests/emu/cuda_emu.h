@@ -1,0 +1,487 @@
+/*
+A CPU emulation of the slice of CUDA the engine uses, so that the GPU engine's own kernels run,
+and are tested, on a machine without a GPU (CI). tests/emu/translate.py rewrites the sources
+(kernel launches, dynamic shared memory, inline PTX) and puts this header in front of them.
+
+What is emulated, faithfully enough for the kernels' logic:
+  - every CUDA thread of a block is a ucontext coroutine; the blocks of a grid run one after
+    the other; __syncthreads and __syncwarp are barriers over the threads still alive, so a
+    barrier that not every thread reaches is reported as a deadlock instead of hanging;
+  - warp shuffles (__shfl_sync, __shfl_xor_sync, __shfl_up_sync, __shfl_down_sync) exchange
+    values between the 32 lanes of a warp through a barrier;
+  - __shared__ memory is per block (function statics, since blocks run one at a time); dynamic
+    shared memory is filled with 0xFF bytes (NaN) at every block, so reading it before writing
+    shows up; launch limits (1024 threads, grid dimensions, shared memory) are checked;
+  - the runtime API (memory, copies, streams, events) runs synchronously on host memory;
+  - cuBLASLt's matmul (the calls kernels/matmul.cuh makes: column-major layouts, transposes,
+    leading dimensions, beta, the bias epilogue, fp32 or bf16 operands) in plain loops;
+  - bf16 is a 16-bit type with round-to-nearest-even conversions, as __float2bfloat16.
+What is not: timing, the memory model between warps without a barrier, races, atomics, the
+tensor-core (inline PTX) kernels; a kernel that relies on lockstep execution within a warp
+without a __syncwarp is not caught. It checks what the kernels compute, not how fast.
+*/
+#pragma once
+
+#include <ucontext.h>
+#include <sys/mman.h>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <vector>
+#include <algorithm>
+
+// ----------------------------------------------------------------------------
+// qualifiers
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __shared__ static
+#define __align__(n) alignas(n)
+
+struct dim3 {
+    unsigned x, y, z;
+    dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
+};
+static dim3 threadIdx, blockIdx, blockDim, gridDim;
+
+// ----------------------------------------------------------------------------
+// bf16
+
+struct __nv_bfloat16 {
+    uint16_t bits;
+    __nv_bfloat16() = default;
+    operator float() const {
+        uint32_t u = (uint32_t)bits << 16;
+        float f;
+        memcpy(&f, &u, 4);
+        return f;
+    }
+};
+struct __nv_bfloat162 { __nv_bfloat16 x, y; };
+static inline __nv_bfloat16 __float2bfloat16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    __nv_bfloat16 b;
+    if ((u & 0x7fffffffu) > 0x7f800000u) { b.bits = (uint16_t)((u >> 16) | 0x40); return b; }  // NaN stays NaN
+    u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest, ties to even
+    b.bits = (uint16_t)(u >> 16);
+    return b;
+}
+static inline float __bfloat162float(__nv_bfloat16 b) { return (float)b; }
+static inline __nv_bfloat162 __floats2bfloat162_rn(float a, float b) { return {__float2bfloat16(a), __float2bfloat16(b)}; }
+
+// ----------------------------------------------------------------------------
+// device math and helpers the kernels call
+
+static inline int min(int a, int b) { return a < b ? a : b; }
+static inline int max(int a, int b) { return a > b ? a : b; }
+static inline long long min(long long a, long long b) { return a < b ? a : b; }
+static inline long long max(long long a, long long b) { return a > b ? a : b; }
+static inline unsigned min(unsigned a, unsigned b) { return a < b ? a : b; }
+static inline unsigned max(unsigned a, unsigned b) { return a > b ? a : b; }
+static inline size_t min(size_t a, size_t b) { return a < b ? a : b; }
+static inline size_t max(size_t a, size_t b) { return a > b ? a : b; }
+static inline float rsqrtf(float x) { return 1.0f / sqrtf(x); }
+
+static inline size_t __cvta_generic_to_shared(const void* p) { return (size_t)p; }
+
+// ----------------------------------------------------------------------------
+// the thread scheduler
+
+namespace emu {
+
+[[noreturn]] static void fail(const char* what) {
+    fprintf(stderr, "CUDA emulation: %s\n", what);
+    exit(3);
+}
+static void unsupported(const char* what) { fail(what); }
+
+enum Wait { RUNNING, AT_WARP_BARRIER, AT_BLOCK_BARRIER, DONE };
+
+// Context switches. On x86-64 a few instructions that save the callee-saved registers and the
+// stack pointer (swapcontext would also make a system call for the signal mask, every switch);
+// elsewhere ucontext.
+#if defined(__x86_64__)
+extern "C" void emu_switch(void** save_sp, void* load_sp);
+asm(R"(
+    .text
+    .globl emu_switch
+    .type emu_switch, @function
+emu_switch:
+    pushq %rbp
+    pushq %rbx
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    movq %rsp, (%rdi)
+    movq %rsi, %rsp
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %rbx
+    popq %rbp
+    ret
+    .size emu_switch, .-emu_switch
+)");
+struct Context { void* sp; };
+#else
+struct Context { ucontext_t uc; };
+#endif
+
+struct Thread {
+    Context context;
+    unsigned x, y, z;
+    int warp, lane;
+    Wait wait;
+    unsigned generation;  // of the barrier it waits at
+};
+
+static const size_t STACK_BYTES = 256 << 10;
+
+struct Block {
+    std::vector<Thread> threads;
+    Context scheduler;
+    int current;
+    std::vector<int> warp_live, warp_arrived;
+    std::vector<unsigned> warp_generation;
+    int block_live, block_arrived;
+    unsigned block_generation;
+    std::vector<uint64_t> exchange;  // one shuffle slot per thread
+    std::vector<unsigned char> dynamic_shared;
+    const std::function<void()>* body;
+    char* stacks = NULL;
+    size_t stacks_for = 0;
+};
+static Block B;
+
+static Thread& me() { return B.threads[B.current]; }
+
+#if defined(__x86_64__)
+static void to_scheduler() { emu_switch(&me().context.sp, B.scheduler.sp); }
+static void to_thread(int i) { emu_switch(&B.scheduler.sp, B.threads[i].context.sp); }
+#else
+static void to_scheduler() { swapcontext(&me().context.uc, &B.scheduler.uc); }
+static void to_thread(int i) { swapcontext(&B.scheduler.uc, &B.threads[i].context.uc); }
+#endif
+
+static void warp_barrier() {
+    Thread& t = me();
+    unsigned g = B.warp_generation[t.warp];
+    if (++B.warp_arrived[t.warp] == B.warp_live[t.warp]) {
+        B.warp_arrived[t.warp] = 0;
+        B.warp_generation[t.warp]++;
+        return;
+    }
+    t.wait = AT_WARP_BARRIER;
+    t.generation = g;
+    to_scheduler();
+}
+
+static void block_barrier() {
+    Thread& t = me();
+    unsigned g = B.block_generation;
+    if (++B.block_arrived == B.block_live) {
+        B.block_arrived = 0;
+        B.block_generation++;
+        return;
+    }
+    t.wait = AT_BLOCK_BARRIER;
+    t.generation = g;
+    to_scheduler();
+}
+
+static void thread_entry() {
+    (*B.body)();
+    Thread& t = me();
+    t.wait = DONE;
+    // a barrier the others wait at may now be complete without this thread
+    if (--B.warp_live[t.warp] > 0 && B.warp_arrived[t.warp] == B.warp_live[t.warp]) {
+        B.warp_arrived[t.warp] = 0;
+        B.warp_generation[t.warp]++;
+    }
+    if (--B.block_live > 0 && B.block_arrived == B.block_live) {
+        B.block_arrived = 0;
+        B.block_generation++;
+    }
+#if defined(__x86_64__)
+    to_scheduler();  // never resumed
+    __builtin_unreachable();
+#endif
+    // ucontext: returning resumes uc_link, the scheduler
+}
+
+// a fresh context that starts in thread_entry on its own stack
+static void make_context(Thread& t, char* stack) {
+#if defined(__x86_64__)
+    uintptr_t top = ((uintptr_t)stack + STACK_BYTES) & ~(uintptr_t)15;
+    void** sp = (void**)(top - 16);  // thread_entry starts with rsp = 8 mod 16, as after a call
+    *sp = (void*)thread_entry;       // emu_switch's ret goes there
+    sp -= 6;                         // the six callee-saved registers it pops
+    for (int r = 0; r < 6; r++) { sp[r] = NULL; }
+    t.context.sp = sp;
+#else
+    getcontext(&t.context.uc);
+    t.context.uc.uc_stack.ss_sp = stack;
+    t.context.uc.uc_stack.ss_size = STACK_BYTES;
+    t.context.uc.uc_link = &B.scheduler.uc;
+    makecontext(&t.context.uc, thread_entry, 0);
+#endif
+}
+
+static bool runnable(const Thread& t) {
+    switch (t.wait) {
+        case RUNNING: return true;
+        case AT_WARP_BARRIER: return B.warp_generation[t.warp] != t.generation;
+        case AT_BLOCK_BARRIER: return B.block_generation != t.generation;
+        default: return false;
+    }
+}
+
+static void run_block(unsigned bx, unsigned by, unsigned bz, size_t shared_bytes) {
+    int n = blockDim.x * blockDim.y * blockDim.z, warps = (n + 31) / 32;
+    B.threads.assign(n, Thread());
+    B.warp_live.assign(warps, 0);
+    B.warp_arrived.assign(warps, 0);
+    B.warp_generation.assign(warps, 0);
+    B.block_live = n;
+    B.block_arrived = 0;
+    B.block_generation = 0;
+    B.exchange.assign(n, 0);
+    B.dynamic_shared.assign(shared_bytes + 16, 0xFF);
+    if (B.stacks_for < (size_t)n) {
+        if (B.stacks) { munmap(B.stacks, B.stacks_for * STACK_BYTES); }
+        B.stacks = (char*)mmap(NULL, (size_t)n * STACK_BYTES, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+        if (B.stacks == MAP_FAILED) { fail("cannot map the thread stacks"); }
+        B.stacks_for = n;
+    }
+    blockIdx = dim3(bx, by, bz);
+    for (int i = 0; i < n; i++) {
+        Thread& t = B.threads[i];
+        t.x = i % blockDim.x;
+        t.y = (i / blockDim.x) % blockDim.y;
+        t.z = i / (blockDim.x * blockDim.y);
+        t.warp = i / 32;
+        t.lane = i % 32;
+        t.wait = RUNNING;
+        B.warp_live[t.warp]++;
+        make_context(t, B.stacks + (size_t)i * STACK_BYTES);
+    }
+    for (;;) {
+        bool alive = false, progressed = false;
+        for (int i = 0; i < n; i++) {
+            Thread& t = B.threads[i];
+            if (t.wait == DONE) { continue; }
+            alive = true;
+            if (!runnable(t)) { continue; }
+            t.wait = RUNNING;
+            B.current = i;
+            threadIdx = dim3(t.x, t.y, t.z);
+            to_thread(i);
+            progressed = true;
+        }
+        if (!alive) { break; }
+        if (!progressed) { fail("deadlock: some threads wait at a barrier that others never reach"); }
+    }
+}
+
+// Runs body as every thread of every block of the grid, one block after another.
+static void launch(dim3 grid, dim3 block, size_t shared_bytes, const std::function<void()>& body) {
+    unsigned long long n = (unsigned long long)block.x * block.y * block.z;
+    if (n == 0 || n > 1024 || block.z > 64) { fail("launch: invalid block size"); }
+    if (grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.y > 65535 || grid.z > 65535) { fail("launch: invalid grid size"); }
+    if (shared_bytes > 227 * 1024) { fail("launch: more dynamic shared memory than a Hopper SM has"); }
+    B.body = &body;
+    blockDim = block;
+    gridDim = grid;
+    for (unsigned bz = 0; bz < grid.z; bz++) {
+        for (unsigned by = 0; by < grid.y; by++) {
+            for (unsigned bx = 0; bx < grid.x; bx++) { run_block(bx, by, bz, shared_bytes); }
+        }
+    }
+}
+
+static void* dynamic_shared() { return (void*)(((uintptr_t)B.dynamic_shared.data() + 15) & ~(uintptr_t)15); }
+
+template <typename T>
+static T shuffle(T v, int source_lane) {
+    static_assert(sizeof(T) <= 8, "shuffle of more than 8 bytes");
+    Thread& t = me();
+    uint64_t bits = 0;
+    memcpy(&bits, &v, sizeof(T));
+    B.exchange[B.current] = bits;
+    warp_barrier();
+    int src = t.warp * 32 + source_lane;
+    T out = v;
+    if (source_lane >= 0 && source_lane < 32 && src < (int)B.threads.size() && B.threads[src].wait != DONE) {
+        memcpy(&out, &B.exchange[src], sizeof(T));
+    }
+    warp_barrier();  // everyone has read before a slot is written again
+    return out;
+}
+
+}  // namespace emu
+
+static inline void __syncthreads() { emu::block_barrier(); }
+static inline void __syncwarp(unsigned mask = 0xffffffffu) { emu::warp_barrier(); }
+template <typename T> static inline T __shfl_sync(unsigned mask, T v, int lane, int width = 32) { return emu::shuffle(v, lane % 32); }
+template <typename T> static inline T __shfl_xor_sync(unsigned mask, T v, int m, int width = 32) { return emu::shuffle(v, emu::me().lane ^ m); }
+template <typename T> static inline T __shfl_up_sync(unsigned mask, T v, unsigned d, int width = 32) {
+    int lane = emu::me().lane;
+    return emu::shuffle(v, lane >= (int)d ? lane - (int)d : lane);
+}
+template <typename T> static inline T __shfl_down_sync(unsigned mask, T v, unsigned d, int width = 32) {
+    int lane = emu::me().lane;
+    return emu::shuffle(v, lane + (int)d < 32 ? lane + (int)d : lane);
+}
+
+// ----------------------------------------------------------------------------
+// the runtime API, synchronous, on host memory
+
+typedef int cudaError_t;
+static const cudaError_t cudaSuccess = 0;
+typedef struct emu_stream* cudaStream_t;
+typedef struct emu_event* cudaEvent_t;
+enum cudaMemcpyKind { cudaMemcpyHostToDevice, cudaMemcpyDeviceToHost, cudaMemcpyDeviceToDevice, cudaMemcpyHostToHost, cudaMemcpyDefault };
+enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize };
+static const unsigned cudaEventDisableTiming = 2;
+struct cudaDeviceProp {
+    char name[256];
+    int major, minor, multiProcessorCount;
+    size_t sharedMemPerBlockOptin, totalGlobalMem;
+};
+
+static inline const char* cudaGetErrorString(cudaError_t) { return "emulated CUDA error"; }
+static inline cudaError_t cudaGetLastError() { return cudaSuccess; }
+static inline cudaError_t cudaMalloc(void** p, size_t bytes) {
+    *p = malloc(bytes ? bytes : 1);
+    if (!*p) { return 2; }
+    memset(*p, 0xFF, bytes);  // fresh device memory is not zero: NaN shows a read before a write
+    return cudaSuccess;
+}
+template <typename T> static inline cudaError_t cudaMalloc(T** p, size_t bytes) { return cudaMalloc((void**)p, bytes); }
+static inline cudaError_t cudaFree(void* p) { free(p); return cudaSuccess; }
+template <typename T> static inline cudaError_t cudaMallocHost(T** p, size_t bytes) { return cudaMalloc((void**)p, bytes); }
+static inline cudaError_t cudaFreeHost(void* p) { free(p); return cudaSuccess; }
+static inline cudaError_t cudaMemcpy(void* d, const void* s, size_t n, cudaMemcpyKind) { memmove(d, s, n); return cudaSuccess; }
+static inline cudaError_t cudaMemcpyAsync(void* d, const void* s, size_t n, cudaMemcpyKind k, cudaStream_t = 0) { return cudaMemcpy(d, s, n, k); }
+static inline cudaError_t cudaMemset(void* d, int v, size_t n) { memset(d, v, n); return cudaSuccess; }
+static inline cudaError_t cudaMemsetAsync(void* d, int v, size_t n, cudaStream_t = 0) { return cudaMemset(d, v, n); }
+static inline cudaError_t cudaStreamCreate(cudaStream_t* s) { *s = (cudaStream_t)1; return cudaSuccess; }
+static inline cudaError_t cudaStreamDestroy(cudaStream_t) { return cudaSuccess; }
+static inline cudaError_t cudaStreamSynchronize(cudaStream_t) { return cudaSuccess; }
+static inline cudaError_t cudaDeviceSynchronize() { return cudaSuccess; }
+static inline cudaError_t cudaEventCreate(cudaEvent_t* e) { *e = (cudaEvent_t)1; return cudaSuccess; }
+static inline cudaError_t cudaEventCreateWithFlags(cudaEvent_t* e, unsigned) { *e = (cudaEvent_t)1; return cudaSuccess; }
+static inline cudaError_t cudaEventRecord(cudaEvent_t, cudaStream_t = 0) { return cudaSuccess; }
+static inline cudaError_t cudaEventSynchronize(cudaEvent_t) { return cudaSuccess; }
+static inline cudaError_t cudaEventDestroy(cudaEvent_t) { return cudaSuccess; }
+static inline cudaError_t cudaEventElapsedTime(float* ms, cudaEvent_t, cudaEvent_t) { *ms = 0.0f; return cudaSuccess; }
+template <typename F> static inline cudaError_t cudaFuncSetAttribute(F, cudaFuncAttribute, int value) {
+    if (value > 227 * 1024) { emu::fail("cudaFuncSetAttribute: more shared memory than a Hopper SM has"); }
+    return cudaSuccess;
+}
+static inline cudaError_t cudaGetDeviceCount(int* n) { *n = 1; return cudaSuccess; }
+static inline cudaError_t cudaGetDeviceProperties(cudaDeviceProp* p, int) {
+    memset(p, 0, sizeof(*p));
+    snprintf(p->name, sizeof(p->name), "CPU emulation");
+    p->major = 9;
+    p->multiProcessorCount = 1;
+    p->sharedMemPerBlockOptin = 227 * 1024;
+    p->totalGlobalMem = (size_t)1 << 34;
+    return cudaSuccess;
+}
+static inline cudaError_t cudaMemGetInfo(size_t* free_bytes, size_t* total) { *free_bytes = *total = (size_t)1 << 34; return cudaSuccess; }
+
+// ----------------------------------------------------------------------------
+// cuBLASLt: the matmul kernels/matmul.cuh asks for, column-major, in plain loops (fp32 sums)
+
+typedef int cublasStatus_t;
+static const cublasStatus_t CUBLAS_STATUS_SUCCESS = 0;
+enum cudaDataType_t { CUDA_R_32F, CUDA_R_16BF };
+typedef cudaDataType_t cudaDataType;
+enum cublasComputeType_t { CUBLAS_COMPUTE_32F };
+enum cublasOperation_t { CUBLAS_OP_N, CUBLAS_OP_T };
+enum cublasLtEpilogue_t { CUBLASLT_EPILOGUE_DEFAULT, CUBLASLT_EPILOGUE_BIAS };
+enum cublasLtMatmulDescAttributes_t { CUBLASLT_MATMUL_DESC_TRANSA, CUBLASLT_MATMUL_DESC_TRANSB, CUBLASLT_MATMUL_DESC_EPILOGUE,
+                                      CUBLASLT_MATMUL_DESC_BIAS_POINTER };
+enum cublasLtMatmulPreferenceAttributes_t { CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES };
+struct emu_lt_desc { cublasOperation_t trans_a = CUBLAS_OP_N, trans_b = CUBLAS_OP_N; cublasLtEpilogue_t epilogue = CUBLASLT_EPILOGUE_DEFAULT; const void* bias = NULL; };
+struct emu_lt_layout { cudaDataType_t type; uint64_t rows, cols; int64_t ld; };
+typedef emu_lt_desc* cublasLtMatmulDesc_t;
+typedef emu_lt_layout* cublasLtMatrixLayout_t;
+typedef struct emu_lt_pref* cublasLtMatmulPreference_t;
+typedef struct emu_lt_handle* cublasLtHandle_t;
+struct cublasLtMatmulAlgo_t { int unused; };
+struct cublasLtMatmulHeuristicResult_t { cublasLtMatmulAlgo_t algo; };
+
+static inline cublasStatus_t cublasLtCreate(cublasLtHandle_t* h) { *h = (cublasLtHandle_t)1; return 0; }
+static inline cublasStatus_t cublasLtDestroy(cublasLtHandle_t) { return 0; }
+static inline cublasStatus_t cublasLtMatmulDescCreate(cublasLtMatmulDesc_t* d, cublasComputeType_t, cudaDataType_t) { *d = new emu_lt_desc(); return 0; }
+static inline cublasStatus_t cublasLtMatmulDescDestroy(cublasLtMatmulDesc_t d) { delete d; return 0; }
+static inline cublasStatus_t cublasLtMatmulDescSetAttribute(cublasLtMatmulDesc_t d, cublasLtMatmulDescAttributes_t a, const void* v, size_t) {
+    switch (a) {
+        case CUBLASLT_MATMUL_DESC_TRANSA: d->trans_a = *(const cublasOperation_t*)v; break;
+        case CUBLASLT_MATMUL_DESC_TRANSB: d->trans_b = *(const cublasOperation_t*)v; break;
+        case CUBLASLT_MATMUL_DESC_EPILOGUE: d->epilogue = *(const cublasLtEpilogue_t*)v; break;
+        case CUBLASLT_MATMUL_DESC_BIAS_POINTER: d->bias = *(const void* const*)v; break;
+    }
+    return 0;
+}
+static inline cublasStatus_t cublasLtMatrixLayoutCreate(cublasLtMatrixLayout_t* l, cudaDataType_t t, uint64_t rows, uint64_t cols, int64_t ld) {
+    if (ld < (int64_t)rows) { return 7; }  // CUBLAS_STATUS_INVALID_VALUE
+    *l = new emu_lt_layout{t, rows, cols, ld};
+    return 0;
+}
+static inline cublasStatus_t cublasLtMatrixLayoutDestroy(cublasLtMatrixLayout_t l) { delete l; return 0; }
+static inline cublasStatus_t cublasLtMatmulPreferenceCreate(cublasLtMatmulPreference_t* p) { *p = (cublasLtMatmulPreference_t)1; return 0; }
+static inline cublasStatus_t cublasLtMatmulPreferenceDestroy(cublasLtMatmulPreference_t) { return 0; }
+static inline cublasStatus_t cublasLtMatmulPreferenceSetAttribute(cublasLtMatmulPreference_t, cublasLtMatmulPreferenceAttributes_t, const void*, size_t) { return 0; }
+static inline cublasStatus_t cublasLtMatmulAlgoGetHeuristic(cublasLtHandle_t, cublasLtMatmulDesc_t, cublasLtMatrixLayout_t, cublasLtMatrixLayout_t,
+                                                            cublasLtMatrixLayout_t, cublasLtMatrixLayout_t, cublasLtMatmulPreference_t, int,
+                                                            cublasLtMatmulHeuristicResult_t*, int* found) {
+    *found = 1;
+    return 0;
+}
+
+namespace emu {
+static inline float load(const void* p, cudaDataType_t t, size_t i) {
+    return t == CUDA_R_32F ? ((const float*)p)[i] : (float)((const __nv_bfloat16*)p)[i];
+}
+static inline void store(void* p, cudaDataType_t t, size_t i, float v) {
+    if (t == CUDA_R_32F) { ((float*)p)[i] = v; } else { ((__nv_bfloat16*)p)[i] = __float2bfloat16(v); }
+}
+}  // namespace emu
+
+// D (m x n) = alpha op(A) op(B) + beta C [+ bias (m), of D's type], column-major; C must be D
+static inline cublasStatus_t cublasLtMatmul(cublasLtHandle_t, cublasLtMatmulDesc_t d, const void* alpha, const void* A, cublasLtMatrixLayout_t la,
+                                            const void* Bm, cublasLtMatrixLayout_t lb, const void* beta, const void* C, cublasLtMatrixLayout_t lc,
+                                            void* D, cublasLtMatrixLayout_t ld, const cublasLtMatmulAlgo_t*, void*, size_t, cudaStream_t) {
+    bool ta = d->trans_a == CUBLAS_OP_T, tb = d->trans_b == CUBLAS_OP_T;
+    uint64_t m = ld->rows, n = ld->cols, k = ta ? la->rows : la->cols;
+    if ((ta ? la->cols : la->rows) != m || (tb ? lb->rows : lb->cols) != n || (tb ? lb->cols : lb->rows) != k) { return 7; }
+    if (C != D || lc->rows != m || lc->cols != n) { return 7; }
+    float a = *(const float*)alpha, b = *(const float*)beta;
+    for (uint64_t j = 0; j < n; j++) {
+        for (uint64_t i = 0; i < m; i++) {
+            float acc = 0.0f;
+            for (uint64_t p = 0; p < k; p++) {
+                float x = emu::load(A, la->type, ta ? i * la->ld + p : p * la->ld + i);
+                float y = emu::load(Bm, lb->type, tb ? p * lb->ld + j : j * lb->ld + p);
+                acc += x * y;
+            }
+            float v = a * acc;
+            if (b != 0.0f) { v += b * emu::load(D, ld->type, j * ld->ld + i); }
+            if (d->epilogue == CUBLASLT_EPILOGUE_BIAS) { v += emu::load(d->bias, ld->type, i); }
+            emu::store(D, ld->type, j * ld->ld + i, v);
+        }
+    }
+    return 0;
+}

@@ -1,0 +1,131 @@
+#!/usr/bin/env python3
+"""Rewrites the GPU engine's sources so that a C++ compiler builds them against tests/emu/cuda_emu.h
+(the CPU emulation of CUDA). The product's files are not touched: the rewritten copies go to OUT.
+
+    translate.py ROOT OUT      # copies train_moe.cu, test_moe.cu, kernels/, common/, tests/test_common.h
+
+Rewrites, in .cu and .cuh files only:
+  kernel<<<grid, block[, shared[, stream]]>>>(args)  ->  emu::launch(dim3(grid), dim3(block), shared, [&]() { kernel(args); })
+  extern __shared__ [__align__(n)] T name[];         ->  T* name = (T*)emu::dynamic_shared();
+  asm volatile(...);                                  ->  emu::unsupported("inline PTX");
+  #include <cuda_runtime.h> and the other CUDA headers -> removed (cuda_emu.h is force-included)
+"""
+import os
+import re
+import shutil
+import sys
+
+CUDA_INCLUDES = re.compile(r'^\s*#include\s*<(cuda_runtime|cuda_bf16|cuda_fp16|cublasLt|cublas_v2|cuda)\.h>\s*$', re.M)
+EXTERN_SHARED = re.compile(r'extern\s+__shared__\s+(?:__align__\(\d+\)\s+)?([A-Za-z_][\w\s]*?)\s+(\w+)\s*\[\s*\]\s*;')
+
+
+def matching(text, i, open_ch, close_ch):
+    """index of the bracket closing the one at text[i]"""
+    depth = 0
+    for j in range(i, len(text)):
+        if text[j] == open_ch:
+            depth += 1
+        elif text[j] == close_ch:
+            depth -= 1
+            if depth == 0:
+                return j
+    raise ValueError("unbalanced %s at %d" % (open_ch, i))
+
+
+def split_top_level(text):
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        if ch in '([{':
+            depth += 1
+        elif ch in ')]}':
+            depth -= 1
+        elif ch == ',' and depth == 0:
+            parts.append(text[start:i].strip())
+            start = i + 1
+    parts.append(text[start:].strip())
+    return parts
+
+
+def kernel_name_start(text, end):
+    """start of the kernel expression that ends just before text[end] (a name, maybe name<...>)"""
+    i = end
+    if text[i - 1] == '>':  # template arguments
+        depth = 0
+        i -= 1
+        while True:
+            if text[i] == '>':
+                depth += 1
+            elif text[i] == '<':
+                depth -= 1
+                if depth == 0:
+                    break
+            i -= 1
+    while i > 0 and (text[i - 1].isalnum() or text[i - 1] in '_:'):
+        i -= 1
+    return i
+
+
+def rewrite_launches(text):
+    out, pos = [], 0
+    while True:
+        i = text.find('<<<', pos)
+        if i < 0:
+            out.append(text[pos:])
+            return ''.join(out)
+        start = kernel_name_start(text, i)
+        name = text[start:i].strip()
+        j = text.find('>>>', i)
+        config = split_top_level(text[i + 3:j])
+        k = j + 3
+        while text[k].isspace():
+            k += 1
+        if text[k] != '(':
+            raise ValueError("launch of %s without arguments" % name)
+        close = matching(text, k, '(', ')')
+        args = text[k + 1:close]
+        shared = config[2] if len(config) > 2 else '0'
+        out.append(text[pos:start])
+        out.append('emu::launch(dim3(%s), dim3(%s), (size_t)(%s), [&]() { %s(%s); })' % (config[0], config[1], shared, name, args))
+        pos = close + 1
+
+
+def rewrite_asm(text):
+    out, pos = [], 0
+    pattern = re.compile(r'\basm\s+volatile\s*\(')
+    while True:
+        m = pattern.search(text, pos)
+        if not m:
+            out.append(text[pos:])
+            return ''.join(out)
+        close = matching(text, m.end() - 1, '(', ')')
+        out.append(text[pos:m.start()])
+        out.append('emu::unsupported("inline PTX")')
+        pos = close + 1
+
+
+def translate(text):
+    text = CUDA_INCLUDES.sub('', text)
+    text = EXTERN_SHARED.sub(lambda m: '%s* %s = (%s*)emu::dynamic_shared();' % (m.group(1), m.group(2), m.group(1)), text)
+    text = rewrite_asm(text)
+    return rewrite_launches(text)
+
+
+def main():
+    root, out = sys.argv[1], sys.argv[2]
+    files = ['train_moe.cu', 'test_moe.cu', 'tests/test_common.h']
+    for folder in ('kernels', 'common'):
+        files += [os.path.join(folder, f) for f in sorted(os.listdir(os.path.join(root, folder)))]
+    for rel in files:
+        src, dst = os.path.join(root, rel), os.path.join(out, rel)
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        if rel.endswith(('.cu', '.cuh')):
+            with open(src) as f:
+                text = f.read()
+            with open(dst, 'w') as f:
+                f.write(translate(text))
+        else:
+            shutil.copyfile(src, dst)
+
+
+if __name__ == '__main__':
+    main()

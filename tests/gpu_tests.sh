@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# The CUDA part of make test (called by tests/run_tests.sh with its temporary folder, which holds
+# the reference states of the CPU section: NAME.state, NAME.options, dense.bin, shard.bin).
+#   1. build train_moe and test_moe for sm_80 and sm_90, BF16 and FP32: a build error fails;
+#   2. with a GPU: test_moe against the same reference states, and its invariants, both precisions;
+#      without one: "GPU tests skipped: no GPU", nothing counted.
+set -u
+cd "$(dirname "$0")/.."
+STATES=$1
+if ! command -v "${NVCC:-nvcc}" > /dev/null 2>&1; then
+    echo "FAIL cuda_build: nvcc not found (the CUDA toolkit is needed to build train_moe)"
+    exit 1
+fi
+for precision in BF16 FP32; do
+    dir=$STATES/cuda_$precision
+    mkdir -p "$dir"
+    t0=$SECONDS
+    if make -s -j2 train_moe test_moe PRECISION=$precision GPU_ARCHS="80 90" BUILD="$dir" > "$dir/build.log" 2>&1; then
+        echo "PASS cuda_build[$precision]: train_moe and test_moe for sm_80 and sm_90 in $((SECONDS - t0)) s"
+    else
+        grep -E "error|warning" "$dir/build.log" | head -n 20
+        echo "FAIL cuda_build[$precision]: see the errors above"
+    fi
+done
+
+if ! nvidia-smi -L > /dev/null 2>&1; then
+    echo "GPU tests skipped: no GPU"
+    exit 0
+fi
+GEOMETRY="-b 4 -t 16"
+for precision in FP32 BF16; do
+    bin=$STATES/cuda_$precision/test_moe
+    [ -x "$bin" ] || continue
+    for options_file in "$STATES"/*.options; do
+        name=$(basename "$options_file" .options)
+        # shellcheck disable=SC2046
+        "$bin" reference "$name" "$STATES/$name.state" "$STATES/$name.ref.bin" -- -m "$STATES/dense.bin" -i "$STATES/shard.bin" $GEOMETRY $(cat "$options_file") | grep -E '^(PASS|FAIL) '
+    done
+    "$bin" invariants "$STATES/dense.bin" "$STATES/shard.bin" | grep -E '^(PASS|FAIL) '
+done

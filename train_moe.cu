@@ -1,0 +1,567 @@
+/*
+train_moe: the GPU engine. GPT-2 with Mixture-of-Experts MLPs upcycled from a dense llm.c
+checkpoint, trained with hand-written kernels (the headers in kernels/) and cuBLASLt for the dense
+matmuls. The same command line, outputs and checkpoints as the CPU twin train_moe_cpu, which
+is its specification.
+
+    make train_moe                  # PRECISION=BF16 (default) or PRECISION=FP32
+    ./train_moe -m dense.bin -e 8 -k 2 -o out
+
+Precision (kernels/common.cuh): activations and the working weights are floatX (bf16, or fp32
+in the FP32 build); master weights, gradients and AdamW moments are fp32; the router (weights,
+logits, softmax, top-k, auxiliary losses) is fp32 always and reads the fp32 master weights.
+
+The file reads top to bottom: the model's buffers; the upload of a micro-batch; forward (one
+block of kernel calls per layer), backward (the same calls in reverse), update; validation,
+sampling and the routing report; the training loop. A step never waits for the GPU until its
+end: the tokens per expert stay on the device, and the losses and the gradient norm are
+summed on the device and read once.
+*/
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "common/checkpoint.h"
+#include "common/model_config.h"
+#include "common/training.h"
+#include "common/utils.h"
+
+#include "kernels/common.cuh"
+#include "kernels/adamw.cuh"
+#include "kernels/attention.cuh"
+#include "kernels/classifier.cuh"
+#include "kernels/encoder.cuh"
+#include "kernels/expert_mlp.cuh"
+#include "kernels/gelu.cuh"
+#include "kernels/global_norm.cuh"
+#include "kernels/layernorm.cuh"
+#include "kernels/matmul.cuh"
+#include "kernels/permute.cuh"
+#include "kernels/reduce.cuh"
+#include "kernels/router.cuh"
+
+// ----------------------------------------------------------------------------
+// the model's buffers on the GPU
+
+// Activations of one layer, kept from the forward for the backward (N = B*T tokens)
+struct LayerActivations {
+    floatX* ln1;             // (N, C)
+    float* ln1_mean;         // (N)
+    float* ln1_rstd;         // (N)
+    floatX* qkv;             // (N, 3C)
+    floatX* atty;            // (N, C) attention output before its projection
+    float* att_lse;          // (B, NH, T) log-sum-exp of each query's scores
+    floatX* residual2;       // (N, C) the residual after attention
+    floatX* ln2;             // (N, C)
+    float* ln2_mean;         // (N)
+    float* ln2_rstd;         // (N)
+    // dense MLP
+    floatX* fch;             // (N, 4C)
+    floatX* fch_gelu;        // (N, 4C)
+    // MoE
+    DeviceRouting routing;
+    floatX* expert_input;    // (rows, C) routed rows, expert-contiguous
+    floatX* expert_fch;      // (rows, H)
+    floatX* expert_fch_gelu; // (rows, H)
+    floatX* expert_output;   // (rows, C)
+    floatX* residual3;       // (N, C) the layer's output
+};
+
+// One micro-batch on the device: inputs, targets and the encoder backward's token buckets, one
+// upload. Two pinned staging buffers alternate, so filling one never races the copy of the other.
+struct BatchBuffers {
+    int N;
+    int* device;             // (5N+1): inputs (N), targets (N), positions (N), starts (N+1), bucket tokens (N)
+    int* staging[2];         // pinned host copies of the same layout
+    cudaEvent_t uploaded[2];
+    int next;                // the staging buffer the next upload fills
+    int num_buckets;         // of the last upload
+    int* inputs;             // pointers into `device`
+    int* targets;
+    int* positions;
+    int* starts;
+    int* bucket_tokens;
+};
+
+// device scalars summed over a step: index into Model::step_scalars
+enum StepScalar { SCALAR_LOSS, SCALAR_AUX, SCALAR_Z, SCALAR_NORM2, SCALAR_VAL_LOSS, NUM_SCALARS };
+
+struct Model {
+    ModelConfig config;
+    size_t param_sizes[NUM_PARAMETER_TENSORS];
+    size_t num_params;
+    float* master;                      // fp32 master weights
+    floatX* working;                    // the floatX copy the kernels read (the master itself in FP32)
+    float* grads;                       // fp32
+    float* m;                           // AdamW moments, fp32
+    float* v;
+    ParameterTensors<floatX> params;    // into `working`
+    ParameterTensors<float> master_t;   // into `master` (the router reads these)
+    ParameterTensors<float> grads_t;
+    float aux_alpha, z_beta;
+    int B, T;                           // the largest batch the buffers hold
+    int batch_B, batch_T;               // the shape of the last forward
+    BatchBuffers batch;
+    floatX* encoded;                    // (N, C)
+    std::vector<LayerActivations> layers;
+    floatX* lnf;                        // (N, C)
+    float* lnf_mean;                    // (N)
+    float* lnf_rstd;                    // (N)
+    floatX* logits;                     // (N, Vp); with targets and a loss scale, dlogits in place
+    float* losses;                      // (N)
+    // scratch
+    floatX* mlp_out;                    // (N, C) attention projection, then the MLP/MoE output
+    floatX* dresidual;                  // (N, C)
+    floatX* dbuf;                       // (N, C) d ln2, d atty, d ln1, d lnf
+    floatX* dqkv;                       // (N, 3C)
+    floatX* dhidden;                    // max(N*4C, rows*H): d fch_gelu
+    floatX* dhidden2;                   // max(N*4C, rows*H): d fch
+    floatX* dexpert_output;             // (rows, C)
+    floatX* dexpert_input;              // (rows, C)
+    float* scratch;                     // the kernels' fp32 scratch (the largest they ask for)
+    float* step_scalars;                // (NUM_SCALARS) on the device
+    bool collect_stats;                 // routing statistics (training batches only)
+    cudaStream_t stream;
+};
+
+static void batch_init(BatchBuffers* b, int N) {
+    b->N = N;
+    size_t n = 5 * (size_t)N + 1;
+    b->device = cuda_malloc<int>(n);
+    for (int i = 0; i < 2; i++) {
+        cudaCheck(cudaMallocHost(&b->staging[i], n * sizeof(int)));
+        cudaCheck(cudaEventCreateWithFlags(&b->uploaded[i], cudaEventDisableTiming));
+        cudaCheck(cudaEventRecord(b->uploaded[i]));
+    }
+    b->next = 0;
+    b->num_buckets = 0;
+    b->inputs = b->device;
+    b->targets = b->device + N;
+    b->positions = b->device + 2 * N;
+    b->starts = b->device + 3 * N;
+    b->bucket_tokens = b->device + 4 * N + 1;
+}
+
+// Uploads tokens (and targets, or zeros) of an n-token batch. Waits only for the copy issued two
+// uploads ago from the same staging buffer, which the GPU finished long since.
+static void batch_upload(BatchBuffers* b, const int* inputs, const int* targets, int n, cudaStream_t stream) {
+    int slot = b->next;
+    b->next ^= 1;
+    cudaCheck(cudaEventSynchronize(b->uploaded[slot]));
+    int* h = b->staging[slot];
+    int N = b->N;
+    memcpy(h, inputs, n * sizeof(int));
+    if (targets) { memcpy(h + N, targets, n * sizeof(int)); } else { memset(h + N, 0, n * sizeof(int)); }
+    b->num_buckets = encoder_prepare_buckets(inputs, n, h + 2 * N, h + 3 * N, h + 4 * N + 1);
+    cudaCheck(cudaMemcpyAsync(b->device, h, (5 * (size_t)N + 1) * sizeof(int), cudaMemcpyHostToDevice, stream));
+    cudaCheck(cudaEventRecord(b->uploaded[slot], stream));
+}
+
+static void batch_free(BatchBuffers* b) {
+    cudaCheck(cudaFree(b->device));
+    for (int i = 0; i < 2; i++) {
+        cudaCheck(cudaFreeHost(b->staging[i]));
+        cudaCheck(cudaEventDestroy(b->uploaded[i]));
+    }
+}
+
+// Takes the host parameters (fp32, the config's layout) to the GPU. B, T: the largest batch.
+static void model_init(Model* m, const ModelConfig* cfg, const float* host_params, int B, int T, float aux_alpha, float z_beta) {
+    m->config = *cfg;
+    fill_parameter_sizes(m->param_sizes, cfg);
+    size_t P = m->num_params = count_parameters(cfg);
+    m->master = cuda_malloc<float>(P);
+    cudaCheck(cudaMemcpy(m->master, host_params, P * sizeof(float), cudaMemcpyHostToDevice));
+    cudaCheck(cudaStreamCreate(&m->stream));
+#if defined(ENABLE_FP32)
+    m->working = m->master;
+#else
+    m->working = cuda_malloc<floatX>(P);
+    copy_to_working(m->working, m->master, P, m->stream);
+#endif
+    m->grads = cuda_malloc<float>(P);
+    m->m = cuda_malloc<float>(P);
+    m->v = cuda_malloc<float>(P);
+    cudaCheck(cudaMemset(m->m, 0, P * sizeof(float)));
+    cudaCheck(cudaMemset(m->v, 0, P * sizeof(float)));
+    point_parameters(&m->params, m->working, m->param_sizes);
+    point_parameters(&m->master_t, m->master, m->param_sizes);
+    point_parameters(&m->grads_t, m->grads, m->param_sizes);
+    m->aux_alpha = aux_alpha;
+    m->z_beta = z_beta;
+
+    int N = B * T, C = cfg->channels, NH = cfg->num_heads, Vp = cfg->padded_vocab_size;
+    int E = cfg->num_experts, H = cfg->expert_hidden;
+    size_t rows = cfg->num_experts > 1 ? (size_t)max_routing_rows(cfg, N) : 0;
+    m->B = B;
+    m->T = T;
+    batch_init(&m->batch, N);
+    m->encoded = cuda_malloc<floatX>((size_t)N * C);
+    m->layers.resize(cfg->num_layers);
+    for (int l = 0; l < cfg->num_layers; l++) {
+        LayerActivations& a = m->layers[l];
+        memset(&a, 0, sizeof(a));
+        a.ln1 = cuda_malloc<floatX>((size_t)N * C);
+        a.ln1_mean = cuda_malloc<float>(N);
+        a.ln1_rstd = cuda_malloc<float>(N);
+        a.qkv = cuda_malloc<floatX>((size_t)N * 3 * C);
+        a.atty = cuda_malloc<floatX>((size_t)N * C);
+        a.att_lse = cuda_malloc<float>((size_t)B * NH * T);
+        a.residual2 = cuda_malloc<floatX>((size_t)N * C);
+        a.ln2 = cuda_malloc<floatX>((size_t)N * C);
+        a.ln2_mean = cuda_malloc<float>(N);
+        a.ln2_rstd = cuda_malloc<float>(N);
+        a.residual3 = cuda_malloc<floatX>((size_t)N * C);
+        if (!cfg->is_moe_layer[l]) {
+            a.fch = cuda_malloc<floatX>((size_t)N * 4 * C);
+            a.fch_gelu = cuda_malloc<floatX>((size_t)N * 4 * C);
+            continue;
+        }
+        routing_alloc(&a.routing, N, E, cfg->top_k, (int)rows, C);
+        a.expert_input = cuda_malloc<floatX>(rows * C);
+        a.expert_fch = cuda_malloc<floatX>(rows * H);
+        a.expert_fch_gelu = cuda_malloc<floatX>(rows * H);
+        a.expert_output = cuda_malloc<floatX>(rows * C);
+    }
+    m->lnf = cuda_malloc<floatX>((size_t)N * C);
+    m->lnf_mean = cuda_malloc<float>(N);
+    m->lnf_rstd = cuda_malloc<float>(N);
+    m->logits = cuda_malloc<floatX>((size_t)N * Vp);
+    m->losses = cuda_malloc<float>(N);
+    size_t hidden = std::max((size_t)N * 4 * C, rows * H);
+    m->mlp_out = cuda_malloc<floatX>((size_t)N * C);
+    m->dresidual = cuda_malloc<floatX>((size_t)N * C);
+    m->dbuf = cuda_malloc<floatX>((size_t)N * C);
+    m->dqkv = cuda_malloc<floatX>((size_t)N * 3 * C);
+    m->dhidden = cuda_malloc<floatX>(hidden);
+    m->dhidden2 = cuda_malloc<floatX>(hidden);
+    m->dexpert_output = cuda_malloc<floatX>(rows * C);
+    m->dexpert_input = cuda_malloc<floatX>(rows * C);
+    // the largest scratch any kernel asks for; the widest matmul's bias sums are the classifier's or fc's
+    size_t widest = std::max((size_t)4 * C, (size_t)Vp);
+    size_t scratch = std::max({layernorm_backward_scratch_floats(N, C), matmul_backward_scratch_floats(N, (int)widest),
+                               attention_backward_scratch_floats(B, T, NH), global_norm_scratch_floats(P)});
+    m->scratch = cuda_malloc<float>(scratch);
+    m->step_scalars = cuda_malloc<float>(NUM_SCALARS);
+    cudaCheck(cudaMemset(m->step_scalars, 0, NUM_SCALARS * sizeof(float)));
+    m->collect_stats = false;
+    cudaCheck(cudaDeviceSynchronize());
+    printf("GPU memory: %.2f GiB of parameters, gradients and moments\n", (P * (16.0 + (m->working != (floatX*)m->master ? sizeof(floatX) : 0))) / (1 << 30));
+}
+
+static void model_free(Model* m) {
+    for (LayerActivations& a : m->layers) {
+        void* ps[] = {a.ln1, a.ln1_mean, a.ln1_rstd, a.qkv, a.atty, a.att_lse, a.residual2, a.ln2, a.ln2_mean, a.ln2_rstd,
+                      a.fch, a.fch_gelu, a.expert_input, a.expert_fch, a.expert_fch_gelu, a.expert_output, a.residual3};
+        for (void* p : ps) { cudaCheck(cudaFree(p)); }
+        if (m->config.is_moe_layer[&a - &m->layers[0]]) { routing_free(&a.routing); }
+    }
+    void* ps[] = {m->master, m->grads, m->m, m->v, m->encoded, m->lnf, m->lnf_mean, m->lnf_rstd, m->logits, m->losses, m->mlp_out,
+                  m->dresidual, m->dbuf, m->dqkv, m->dhidden, m->dhidden2, m->dexpert_output, m->dexpert_input, m->scratch,
+                  m->step_scalars};
+    for (void* p : ps) { cudaCheck(cudaFree(p)); }
+    if ((void*)m->working != (void*)m->master) { cudaCheck(cudaFree(m->working)); }
+    batch_free(&m->batch);
+    cudaCheck(cudaStreamDestroy(m->stream));
+}
+
+// ----------------------------------------------------------------------------
+// forward, backward, update
+
+// Forward over the uploaded batch (B, T). With targets and dloss != 0 (training), the
+// classifier also leaves dlogits = dloss * (softmax - onehot) in `logits` for the backward.
+// with_targets = false (sampling) stops at the logits.
+static void model_forward(Model* m, int B, int T, bool with_targets, float dloss) {
+    const ModelConfig* cfg = &m->config;
+    if (B * T > m->B * m->T || T > m->T) { die("model_forward: batch %dx%d exceeds the %dx%d the model was built for", B, T, m->B, m->T); }
+    m->batch_B = B;
+    m->batch_T = T;
+    int N = B * T, C = cfg->channels, NH = cfg->num_heads, V = cfg->vocab_size, Vp = cfg->padded_vocab_size;
+    int E = cfg->num_experts, H = cfg->expert_hidden;
+    const ParameterTensors<floatX>& p = m->params;
+    cudaStream_t s = m->stream;
+
+    encoder_forward(m->encoded, m->batch.inputs, p.wte, p.wpe, B, T, C, s);
+    layernorm_forward(m->layers[0].ln1, m->layers[0].ln1_mean, m->layers[0].ln1_rstd, m->encoded, p.ln1w, p.ln1b, N, C, s);
+    for (int l = 0; l < cfg->num_layers; l++) {
+        LayerActivations& a = m->layers[l];
+        const floatX* residual = l == 0 ? m->encoded : m->layers[l - 1].residual3;
+        size_t lc = (size_t)l * C;
+        // attention
+        matmul_forward(a.qkv, a.ln1, p.qkvw + lc * 3 * C, p.qkvb + lc * 3, N, C, 3 * C, s);
+        attention_forward(a.atty, a.att_lse, a.qkv, B, T, C, NH, s);
+        matmul_forward(m->mlp_out, a.atty, p.attprojw + lc * C, p.attprojb + lc, N, C, C, s);
+        residual_layernorm_forward(a.residual2, a.ln2, a.ln2_mean, a.ln2_rstd, residual, m->mlp_out, p.ln2w + lc, p.ln2b + lc, N, C, s);
+        // MLP, dense or MoE
+        int ds = cfg->dense_slot[l];
+        if (ds >= 0) {
+            size_t dc = (size_t)ds * C;
+            matmul_forward(a.fch, a.ln2, p.fcw + dc * 4 * C, p.fcb + dc * 4, N, C, 4 * C, s);
+            gelu_forward(a.fch_gelu, a.fch, (size_t)N * 4 * C, s);
+            matmul_forward(m->mlp_out, a.fch_gelu, p.fcprojw + dc * 4 * C, p.fcprojb + dc, N, 4 * C, C, s);
+        } else {
+            size_t ex = (size_t)cfg->moe_slot[l] * E;
+            DeviceRouting* r = &a.routing;
+            router_forward(r, a.ln2, m->master_t.routerw + ex * C, cfg, N, C, s);
+            permute_tokens(a.expert_input, a.ln2, r, C, s);
+            expert_mlp_forward(a.expert_output, a.expert_fch, a.expert_fch_gelu, a.expert_input, r->expert_offsets, r->max_rows,
+                               p.expert_fcw + ex * H * C, p.expert_fcb + ex * H, p.expert_fcprojw + ex * C * H, p.expert_fcprojb + ex * C,
+                               E, C, H, s);
+            unpermute_tokens(m->mlp_out, a.expert_output, r, N, C, s);
+            if (m->collect_stats) { routing_stats_accumulate(r, s); }
+        }
+        // the residual, fused with the next layer norm (the next layer's ln1, or lnf)
+        bool last = l == cfg->num_layers - 1;
+        LayerActivations* next = last ? NULL : &m->layers[l + 1];
+        residual_layernorm_forward(a.residual3, last ? m->lnf : next->ln1, last ? m->lnf_mean : next->ln1_mean,
+                                   last ? m->lnf_rstd : next->ln1_rstd, a.residual2, m->mlp_out,
+                                   last ? p.lnfw : p.ln1w + lc + C, last ? p.lnfb : p.ln1b + lc + C, N, C, s);
+    }
+    matmul_forward(m->logits, m->lnf, p.wte, NULL, N, C, Vp, s);
+    if (with_targets) { classifier_forward_backward(m->logits, m->losses, m->batch.targets, dloss, N, V, Vp, s); }
+}
+
+// Adds this micro-batch's mean cross-entropy and auxiliary losses, times scale, into the step's
+// device sums (the aux and z losses summed over MoE layers, before their coefficients).
+static void accumulate_losses(Model* m, float scale) {
+    int N = m->batch_B * m->batch_T;
+    accumulate_sum(m->step_scalars + SCALAR_LOSS, m->losses, N, scale / N, m->stream);
+    for (int l = 0; l < m->config.num_layers; l++) {
+        if (m->config.moe_slot[l] < 0) { continue; }
+        accumulate_sum(m->step_scalars + SCALAR_AUX, m->layers[l].routing.balance_loss, 1, scale, m->stream);
+        accumulate_sum(m->step_scalars + SCALAR_Z, m->layers[l].routing.z_loss, 1, scale, m->stream);
+    }
+}
+
+static void model_zero_grad(Model* m) { cudaCheck(cudaMemsetAsync(m->grads, 0, m->num_params * sizeof(float), m->stream)); }
+
+// Backward of the last forward (which ran with targets and dloss = loss_scale / N), adding into
+// the gradients. loss_scale is 1/(gradient-accumulation steps), as in the CPU twin.
+static void model_backward(Model* m, float loss_scale) {
+    const ModelConfig* cfg = &m->config;
+    int B = m->batch_B, T = m->batch_T;
+    int N = B * T, C = cfg->channels, NH = cfg->num_heads, Vp = cfg->padded_vocab_size;
+    int E = cfg->num_experts, H = cfg->expert_hidden;
+    const ParameterTensors<floatX>& p = m->params;
+    ParameterTensors<float>& g = m->grads_t;
+    cudaStream_t s = m->stream;
+
+    // logits hold dlogits (the forward's classifier wrote them)
+    matmul_backward(m->dbuf, g.wte, NULL, m->scratch, m->logits, m->lnf, p.wte, N, C, Vp, s);
+    cudaCheck(cudaMemsetAsync(m->dresidual, 0, (size_t)N * C * sizeof(floatX), s));
+    const floatX* last = m->layers[cfg->num_layers - 1].residual3;
+    layernorm_backward(m->dresidual, g.lnfw, g.lnfb, m->scratch, m->dbuf, last, p.lnfw, m->lnf_mean, m->lnf_rstd, N, C, s);
+
+    for (int l = cfg->num_layers - 1; l >= 0; l--) {
+        LayerActivations& a = m->layers[l];
+        const floatX* residual = l == 0 ? m->encoded : m->layers[l - 1].residual3;
+        size_t lc = (size_t)l * C;
+        // dresidual holds d(residual3) = d(MLP output) = d(residual2)
+        floatX* dln2 = m->dbuf;
+        int ds = cfg->dense_slot[l];
+        if (ds >= 0) {
+            size_t dc = (size_t)ds * C;
+            matmul_backward(m->dhidden, g.fcprojw + dc * 4 * C, g.fcprojb + dc, m->scratch, m->dresidual, a.fch_gelu,
+                            p.fcprojw + dc * 4 * C, N, 4 * C, C, s);
+            gelu_backward(m->dhidden2, a.fch, m->dhidden, (size_t)N * 4 * C, s);
+            matmul_backward(dln2, g.fcw + dc * 4 * C, g.fcb + dc * 4, m->scratch, m->dhidden2, a.ln2, p.fcw + dc * 4 * C, N, C, 4 * C, s);
+        } else {
+            size_t ex = (size_t)cfg->moe_slot[l] * E;
+            DeviceRouting* r = &a.routing;
+            unpermute_tokens_backward(m->dexpert_output, r, m->dresidual, a.expert_output, C, s);
+            expert_mlp_backward(m->dexpert_input, g.expert_fcw + ex * H * C, g.expert_fcb + ex * H, g.expert_fcprojw + ex * C * H,
+                                g.expert_fcprojb + ex * C, m->dhidden2, m->dhidden, m->dexpert_output, a.expert_input, a.expert_fch,
+                                a.expert_fch_gelu, r->expert_offsets, r->max_rows, p.expert_fcw + ex * H * C, p.expert_fcprojw + ex * C * H,
+                                E, C, H, s);
+            permute_tokens_backward(dln2, m->dexpert_input, r, N, C, s);
+            router_backward(dln2, g.routerw + ex * C, r, a.ln2, m->master_t.routerw + ex * C, cfg, m->aux_alpha * loss_scale,
+                            m->z_beta * loss_scale, N, C, s);
+        }
+        layernorm_backward(m->dresidual, g.ln2w + lc, g.ln2b + lc, m->scratch, dln2, a.residual2, p.ln2w + lc, a.ln2_mean, a.ln2_rstd, N, C, s);
+        // dresidual now holds d(residual2) = d(residual) + d(attention projection)
+        floatX* datty = m->dbuf;
+        matmul_backward(datty, g.attprojw + lc * C, g.attprojb + lc, m->scratch, m->dresidual, a.atty, p.attprojw + lc * C, N, C, C, s);
+        attention_backward(m->dqkv, m->scratch, datty, a.qkv, a.atty, a.att_lse, B, T, C, NH, s);
+        floatX* dln1 = m->dbuf;
+        matmul_backward(dln1, g.qkvw + lc * 3 * C, g.qkvb + lc * 3, m->scratch, m->dqkv, a.ln1, p.qkvw + lc * 3 * C, N, C, 3 * C, s);
+        layernorm_backward(m->dresidual, g.ln1w + lc, g.ln1b + lc, m->scratch, dln1, residual, p.ln1w + lc, a.ln1_mean, a.ln1_rstd, N, C, s);
+    }
+    encoder_backward(g.wte, g.wpe, m->dresidual, m->batch.positions, m->batch.starts, m->batch.bucket_tokens, m->batch.num_buckets, B, T, C, s);
+}
+
+// The global gradient norm (into the step's scalars, for the clipping inside AdamW) and AdamW
+// step t on every tensor, weight decay on the 2-D ones. Nothing waits for the GPU.
+static void model_update(Model* m, float lr, const OptimizerSettings* o, int t) {
+    float* norm2 = m->step_scalars + SCALAR_NORM2;
+    global_norm_squared(norm2, m->grads, m->num_params, m->scratch, m->stream);
+    size_t offset = 0;
+    for (int i = 0; i < NUM_PARAMETER_TENSORS; i++) {
+        size_t n = m->param_sizes[i];
+        if (n > 0) {
+            floatX* working = (void*)m->working == (void*)m->master ? NULL : m->working + offset;
+            float decay = parameter_is_decayed(i) ? o->weight_decay : 0.0f;
+            adamw_update(m->master + offset, working, m->grads + offset, m->m + offset, m->v + offset, n, lr, o->beta1, o->beta2, o->eps,
+                         decay, t, o->grad_clip, norm2, m->stream);
+        }
+        offset += n;
+    }
+}
+
+// Reads the step's sums (the one synchronisation of a step) and clears them for the next.
+static void read_step_scalars(Model* m, float out[NUM_SCALARS]) {
+    cudaCheck(cudaMemcpyAsync(out, m->step_scalars, NUM_SCALARS * sizeof(float), cudaMemcpyDeviceToHost, m->stream));
+    cudaCheck(cudaStreamSynchronize(m->stream));
+    cudaCheck(cudaMemsetAsync(m->step_scalars, 0, NUM_SCALARS * sizeof(float), m->stream));
+}
+
+// the master weights and moments on the host, for checkpoints
+static void model_download(Model* m, float* params, float* mm, float* vv) {
+    cudaCheck(cudaStreamSynchronize(m->stream));
+    cudaCheck(cudaMemcpy(params, m->master, m->num_params * sizeof(float), cudaMemcpyDeviceToHost));
+    cudaCheck(cudaMemcpy(mm, m->m, m->num_params * sizeof(float), cudaMemcpyDeviceToHost));
+    cudaCheck(cudaMemcpy(vv, m->v, m->num_params * sizeof(float), cudaMemcpyDeviceToHost));
+}
+
+static void model_upload_moments(Model* m, const float* mm, const float* vv) {
+    cudaCheck(cudaMemcpy(m->m, mm, m->num_params * sizeof(float), cudaMemcpyHostToDevice));
+    cudaCheck(cudaMemcpy(m->v, vv, m->num_params * sizeof(float), cudaMemcpyHostToDevice));
+}
+
+// ----------------------------------------------------------------------------
+// validation, sampling, routing report
+
+static float validation_loss(Model* m, DataLoader* val, int max_batches) {
+    dataloader_reset(val);
+    int n = (int)std::min((int64_t)max_batches, val->num_batches);
+    bool collect = m->collect_stats;
+    m->collect_stats = false;
+    float* val_sum = m->step_scalars + SCALAR_VAL_LOSS;
+    cudaCheck(cudaMemsetAsync(val_sum, 0, sizeof(float), m->stream));
+    for (int i = 0; i < n; i++) {
+        dataloader_next_batch(val);
+        batch_upload(&m->batch, val->inputs, val->targets, val->B * val->T, m->stream);
+        model_forward(m, val->B, val->T, true, 0.0f);
+        accumulate_sum(val_sum, m->losses, val->B * val->T, 1.0f / (val->B * val->T * n), m->stream);
+    }
+    float result;
+    cudaCheck(cudaMemcpyAsync(&result, val_sum, sizeof(float), cudaMemcpyDeviceToHost, m->stream));
+    cudaCheck(cudaStreamSynchronize(m->stream));
+    m->collect_stats = collect;
+    return result;
+}
+
+// Samples gen_tokens tokens after <|endoftext|> (the same sampler as the CPU twin).
+static void sample_text(Model* m, TrainingRun* run) {
+    int V = m->config.vocab_size, Vp = m->config.padded_vocab_size;
+    int T = std::min(std::min(run->args.gen_tokens + 1, m->T), m->config.max_seq_len);
+    std::vector<int> tokens(T, 0);
+    std::vector<floatX> row(Vp);
+    std::vector<float> logits(Vp);
+    tokens[0] = run->tokenizer.eot_token < V ? run->tokenizer.eot_token : 0;
+    bool collect = m->collect_stats;
+    m->collect_stats = false;
+    printf("generating:\n---\n");
+    for (int t = 1; t < T; t++) {
+        batch_upload(&m->batch, tokens.data(), NULL, t, m->stream);
+        model_forward(m, 1, t, false, 0.0f);
+        cudaCheck(cudaMemcpyAsync(row.data(), m->logits + (size_t)(t - 1) * Vp, Vp * sizeof(floatX), cudaMemcpyDeviceToHost, m->stream));
+        cudaCheck(cudaStreamSynchronize(m->stream));
+        for (int v = 0; v < Vp; v++) { logits[v] = (float)row[v]; }
+        tokens[t] = sample_token(logits.data(), V, run->args.seed, &run->sampler_counter);
+        tokenizer_print(&run->tokenizer, tokens[t]);
+        fflush(stdout);
+    }
+    printf("\n---\n");
+    m->collect_stats = collect;
+}
+
+static void report_routing(Model* m, TrainingRun* run, int step) {
+    const ModelConfig* cfg = &m->config;
+    std::vector<double> assignments(cfg->num_experts);
+    for (int l = 0; l < cfg->num_layers; l++) {
+        if (cfg->moe_slot[l] < 0) { continue; }
+        double total, dropped, entropy_sum, tokens;
+        routing_stats_read(&m->layers[l].routing, assignments.data(), &total, &dropped, &entropy_sum, &tokens);
+        run_report_layer(run, step, l, assignments.data(), total, dropped, entropy_sum, tokens);
+    }
+}
+
+// dense bf16 (or fp32) peak of the GPU, for the MFU figure; 0 when unknown
+static double peak_flops(const cudaDeviceProp* prop) {
+    std::string name = prop->name;
+    bool fp32 = strcmp(PRECISION_NAME, "FP32") == 0;
+    if (name.find("H100") != std::string::npos || name.find("H200") != std::string::npos) { return fp32 ? 67e12 : 989e12; }
+    if (name.find("A100") != std::string::npos) { return fp32 ? 19.5e12 : 312e12; }
+    return 0.0;
+}
+
+// ----------------------------------------------------------------------------
+// the training loop
+
+#ifndef TESTING
+int main(int argc, char** argv) {
+    TrainingRun run;
+    run_init(&run, argc, argv);
+    cudaDeviceProp prop;
+    cudaCheck(cudaGetDeviceProperties(&prop, 0));
+    printf("GPU engine, %s, on %s (sm_%d%d)\n", PRECISION_NAME, prop.name, prop.major, prop.minor);
+    matmul_setup();
+    Model model;
+    model_init(&model, &run.config, run.params, run.B, run.T, (float)run.args.aux_loss, (float)run.args.z_loss);
+    size_t P = model.num_params;
+    std::vector<float> host_m(P, 0.0f), host_v(P, 0.0f);
+    run_initial_moments(&run, host_m.data(), host_v.data(), P);
+    model_upload_moments(&model, host_m.data(), host_v.data());
+    double peak = peak_flops(&prop);
+
+    model.collect_stats = true;
+    for (int step = run.start_step; step <= run.max_steps; step++) {
+        if (run_checkpoint_due(&run, step)) {
+            model_download(&model, run.params, host_m.data(), host_v.data());
+            run_save_checkpoint(&run, step, run.params, host_m.data(), host_v.data(), P);
+        }
+        if (run_validation_due(&run, step)) {
+            float val = validation_loss(&model, &run.val, run.args.val_steps);
+            printf("step %d | val loss %.6f\n", step, val);
+            logger_val(&run.logger, step, val);
+        }
+        if (run_sample_due(&run, step)) { sample_text(&model, &run); }
+        if (step == run.max_steps) { break; }
+
+        double t0 = seconds_now();
+        model_zero_grad(&model);
+        float scale = 1.0f / run.grad_accum;
+        for (int micro = 0; micro < run.grad_accum; micro++) {
+            dataloader_next_batch(&run.train);
+            batch_upload(&model.batch, run.train.inputs, run.train.targets, run.B * run.T, model.stream);
+            model_forward(&model, run.B, run.T, true, scale / (run.B * run.T));
+            accumulate_losses(&model, scale);
+            model_backward(&model, scale);
+        }
+        float lr = learning_rate_at(&run.schedule, step);
+        model_update(&model, lr, &run.optimizer, run.adam_step_offset + step + 1);
+        float sums[NUM_SCALARS];
+        read_step_scalars(&model, sums);
+        run_print_step(&run, step + 1, sums[SCALAR_LOSS], sums[SCALAR_AUX], sums[SCALAR_Z], sqrtf(sums[SCALAR_NORM2]), lr,
+                       seconds_now() - t0, peak);
+        if (step == run.start_step) {
+            size_t free_bytes, total_bytes;
+            cudaCheck(cudaMemGetInfo(&free_bytes, &total_bytes));
+            printf("peak memory %.2f GiB of %.2f GiB\n", (total_bytes - free_bytes) / 1073741824.0, total_bytes / 1073741824.0);
+        }
+        if (run_routing_report_due(&run, step + 1)) {
+            printf("routing, steps %d..%d:\n", step + 2 - run.args.stats_every, step + 1);
+            report_routing(&model, &run, step + 1);
+        }
+    }
+    run_free(&run);
+    model_free(&model);
+    matmul_teardown();
+    free(run.params);
+    return 0;
+}
+#endif
