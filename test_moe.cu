@@ -11,9 +11,25 @@ the CPU twin matches) and against invariants, in llm.c's manner. tests/gpu_tests
 Tolerances depend on the precision. FP32 is compared as tightly as the CPU twin allows for a
 different summation order (cuBLAS, tiled kernels). BF16 rounds every activation to 8 bits of
 mantissa (relative step 2^-8 = 3.9e-3) at each of about ten stages per layer, with fp32
-accumulation inside the kernels, so errors of 1e-2 on the tensors' scale are expected; the
-BF16 thresholds below are first estimates, to be replaced by ten times the errors measured on
-an H100 (scripts/gpu_check.sh prints them).
+accumulation inside the kernels. The BF16 thresholds are about three times the largest errors
+measured with tests/emu (the same kernels, bf16 rounded exactly, on the CPU) over the 12
+configs: logits 3.5e-2 (8e-3 but for the randomly initialised experts of --init scratch),
+dense gradients 1.0e-2, MoE gradients 9.9e-2 (2.6e-1 with scratch experts), step losses
+6.4e-4. Two effects make the MoE
+figures large and rule out comparing the parameters after the steps, neither a kernel error:
+  - the test model's router starts at N(0, 0.02^2), so its logits differ by ~1e-2 between
+    experts and bf16 noise in h flips top-k choices at near-ties (about 25 of 128 rows per layer
+    are within 2e-2); a flipped token moves its whole gradient to another expert, ~10% of an
+    expert's gradient with 64 tokens;
+  - AdamW's step is about lr * sign(g) where |g| is near round-off, so bf16 noise can move a
+    parameter by up to 2 lr per step the other way: after 10 steps the biases, whose largest
+    value is a few lr, differ by up to 50% of it (measured). BF16 reports the parameters after
+    the steps (SKIP) and holds the step losses to 2e-3 instead.
+With a capacity or expert choice, whether a token is kept depends on comparisons across tokens,
+so in BF16 one flip cascades into other tokens' drops (expert choice ranks tokens whose scores
+for an expert differ by ~1e-3 at init): for those configs BF16 checks the step losses and that
+at most a quarter of the decisions differ (measured: 20 of 128), and reports (SKIP) logits and
+gradients.
 */
 #define TESTING
 #include "train_moe.cu"
@@ -23,11 +39,23 @@ an H100 (scripts/gpu_check.sh prints them).
 static const double TOL_LOGITS = 2e-5, TOL_LOSS = 4e-6, TOL_GRADS = 4e-5, TOL_ROUTE_WEIGHT = 4e-6;
 static const double TOL_STEP_LOSS = 1e-5, TOL_PARAMS_AFTER = 5e-4, TOL_COPY_UPCYCLE = 1e-5;
 static const float NEAR_TIE = 1e-5f;  // top-k logit gap below which a decision may flip
+static const double TOL_GRADS_MOE = TOL_GRADS;
+static const bool BF16 = false;
 #else
-static const double TOL_LOGITS = 3e-2, TOL_LOSS = 5e-3, TOL_GRADS = 8e-2, TOL_ROUTE_WEIGHT = 1e-2;
-static const double TOL_STEP_LOSS = 1e-2, TOL_PARAMS_AFTER = 5e-2, TOL_COPY_UPCYCLE = 3e-2;
-static const float NEAR_TIE = 2e-2f;
+static const double TOL_LOGITS = 1e-1, TOL_LOSS = 5e-3, TOL_GRADS = 3e-2, TOL_ROUTE_WEIGHT = 1e-2;
+static const double TOL_STEP_LOSS = 2e-3, TOL_PARAMS_AFTER = 0.4, TOL_COPY_UPCYCLE = 3e-2;
+static const double TOL_GRADS_MOE = 0.5;
+static const float NEAR_TIE = 5e-2f;
+static const bool BF16 = true;
 #endif
+
+// A check that BF16 cannot hold for a routing that cascades (see above): reported, not counted.
+static void skip(const char* name, const char* fmt, double value, const char* why) {
+    printf("SKIP %s: ", name);
+    printf(fmt, value);
+    printf(" (BF16: %s; not compared)\n", why);
+}
+static const char* CASCADE = "decisions cascade with a capacity or expert choice";
 
 template <typename T>
 static std::vector<T> download(const T* d, size_t n) {
@@ -98,8 +126,14 @@ static void test_against_reference(const char* name, const char* state_path, int
     batch_upload(&model.batch, loader.inputs, loader.targets, N, model.stream);
     model_forward(&model, B, T, true, 0.0f);
     std::vector<float> logits = download_logits(&model, N);
+    // BF16 with decisions that cascade across tokens: see the file's comment
+    bool cascading = BF16 && (cfg.capacity_factor > 0 || cfg.router == ROUTER_EXPERT);
     double e = scaled_error(logits.data(), ref.logits.data(), logits.size());
-    check(e <= TOL_LOGITS, label("logits"), "scaled error %.2e (tolerance %.0e)", e, TOL_LOGITS);
+    if (cascading) {
+        skip(label("logits"), "scaled error %.2e", e, CASCADE);
+    } else {
+        check(e <= TOL_LOGITS, label("logits"), "scaled error %.2e (tolerance %.0e)", e, TOL_LOGITS);
+    }
     float loss = mean_loss(&model, N);
     e = fabs(loss - ref.loss) / fabs(ref.loss);
     check(e <= TOL_LOSS, label("loss"), "ours %.7f reference %.7f, relative error %.1e", loss, ref.loss, e);
@@ -145,8 +179,10 @@ static void test_against_reference(const char* name, const char* state_path, int
                     if (same) { max_w = std::max(max_w, (double)fabsf(w[i] - ref.route_weight[ms][i])); }
                 }
             }
-            check(mismatches == 0 && max_w <= TOL_ROUTE_WEIGHT, label(what), "%d rows, %d decisions differ, %d near-ties set aside, weights max error %.1e",
-                  N * k, mismatches, near_ties, max_w);
+            int allowed = cascading ? N * k / 4 : 0;
+            check(mismatches <= allowed && max_w <= TOL_ROUTE_WEIGHT, label(what),
+                  "%d rows, %d decisions differ (%d allowed), %d near-ties set aside, weights max error %.1e", N * k, mismatches, allowed,
+                  near_ties, max_w);
         } else {
             std::vector<int> rows = download(r.row_token, (size_t)ref.R);
             std::vector<float> w = download(r.row_weight, (size_t)ref.R);
@@ -155,7 +191,9 @@ static void test_against_reference(const char* name, const char* state_path, int
                 mismatches += !same;
                 if (same) { max_w = std::max(max_w, (double)fabsf(w[i] - ref.route_weight[ms][i])); }
             }
-            check(mismatches == 0 && max_w <= TOL_ROUTE_WEIGHT, label(what), "%d rows, %d differ, weights max error %.1e", ref.R, mismatches, max_w);
+            int allowed = cascading ? ref.R / 4 : 0;
+            check(mismatches <= allowed && max_w <= TOL_ROUTE_WEIGHT, label(what), "%d rows, %d differ (%d allowed), weights max error %.1e", ref.R,
+                  mismatches, allowed, max_w);
         }
     }
 
@@ -164,7 +202,11 @@ static void test_against_reference(const char* name, const char* state_path, int
     model_zero_grad(&model);
     model_backward(&model, 1.0f);
     std::vector<float> grads = download(model.grads, model.num_params);
-    compare_tensors(label("gradients"), grads.data(), ref.grads.data(), sizes, TOL_GRADS);
+    if (cascading) {
+        skip(label("gradients"), "worst scaled error %.2e", scaled_error(grads.data(), ref.grads.data(), grads.size()), CASCADE);
+    } else {
+        compare_tensors(label("gradients"), grads.data(), ref.grads.data(), sizes, cfg.num_experts > 1 ? TOL_GRADS_MOE : TOL_GRADS);
+    }
 
     // the reference's n AdamW steps, window s at step s
     LrSchedule schedule = {args.lr_schedule, args.lr, args.warmup, ref.n_steps, args.final_lr_frac, args.decay_frac};
@@ -177,7 +219,12 @@ static void test_against_reference(const char* name, const char* state_path, int
     for (int s = 0; s < ref.n_steps; s++) { worst = std::max(worst, (double)fabsf(losses[s] - ref.step_losses[s]) / fabsf(ref.step_losses[s])); }
     check(worst <= TOL_STEP_LOSS, label("step_losses"), "worst relative error %.1e over %d steps (tolerance %.0e)", worst, ref.n_steps, TOL_STEP_LOSS);
     std::vector<float> after = download(model.master, model.num_params);
-    compare_tensors(label("parameters_after_steps"), after.data(), ref.params_after.data(), sizes, TOL_PARAMS_AFTER);
+    if (BF16) {
+        skip(label("parameters_after_steps"), "worst scaled error %.2e", scaled_error(after.data(), ref.params_after.data(), after.size()),
+             "AdamW turns gradient noise into steps of +-lr");
+    } else {
+        compare_tensors(label("parameters_after_steps"), after.data(), ref.params_after.data(), sizes, TOL_PARAMS_AFTER);
+    }
     dataloader_free(&loader);
     model_free(&model);
     free(params);
@@ -276,6 +323,40 @@ static void test_determinism_and_resume(const char* dense, const char* shard) {
           "restarted from host copies at step 3: master weights and moments %s", resumed ? "identical" : "differ");
 }
 
+// Gradient accumulation: two micro-batches of B/2 tokens with loss scale 1/2 give the gradients of
+// one batch of B (dropless routing; no balance loss, which is not additive over micro-batches).
+static void test_gradient_accumulation(const char* dense, const char* shard) {
+    ModelConfig cfg;
+    TrainArgs args;
+    float* params = build_from_options(std::string("-m ") + dense + " -e 4 -k 2 --aux-loss 0 --z-loss 0.001", &cfg, &args);
+    const int B = 4, T = 16, N = B * T;
+    Model m;
+    model_init(&m, &cfg, params, B, T, (float)args.aux_loss, (float)args.z_loss);
+    DataLoader dl;
+    dataloader_init(&dl, shard, B, T, cfg.vocab_size);
+    dataloader_next_batch(&dl);
+    model_zero_grad(&m);
+    batch_upload(&m.batch, dl.inputs, dl.targets, N, m.stream);
+    model_forward(&m, B, T, true, 1.0f / N);
+    model_backward(&m, 1.0f);
+    std::vector<float> whole = download(m.grads, m.num_params);
+    model_zero_grad(&m);
+    for (int half = 0; half < 2; half++) {
+        int n = N / 2;
+        batch_upload(&m.batch, dl.inputs + half * n, dl.targets + half * n, n, m.stream);
+        model_forward(&m, B / 2, T, true, 0.5f / n);
+        model_backward(&m, 0.5f);
+    }
+    std::vector<float> accumulated = download(m.grads, m.num_params);
+    size_t sizes[NUM_PARAMETER_TENSORS];
+    fill_parameter_sizes(sizes, &cfg);
+    compare_tensors((std::string("gradient_accumulation_matches_one_batch.") + PRECISION_NAME).c_str(), accumulated.data(), whole.data(),
+                    sizes, TOL_GRADS);
+    dataloader_free(&dl);
+    model_free(&m);
+    free(params);
+}
+
 int main(int argc, char** argv) {
     int devices = 0;
     if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) {
@@ -297,6 +378,7 @@ int main(int argc, char** argv) {
         test_copy_upcycling_keeps_dense_function(dense, dl.inputs, 4, 16);
         dataloader_free(&dl);
         test_determinism_and_resume(dense, shard);
+        test_gradient_accumulation(dense, shard);
     } else {
         fprintf(stderr, "usage: %s reference NAME STATE REF_MODEL -- [train options]\n       %s invariants DENSE SHARD\n", argv[0], argv[0]);
         matmul_teardown();

@@ -38,7 +38,7 @@ run_checks() {
     local out=$TMP/$name.out
     "$@" > "$out" 2>&1
     local rc=$?
-    grep -E '^(PASS|FAIL) ' "$out"
+    grep -E '^(PASS|FAIL|SKIP) ' "$out"
     local p f
     p=$(grep -c '^PASS ' "$out")
     f=$(grep -c '^FAIL ' "$out")

@@ -142,9 +142,10 @@ struct Thread {
     int warp, lane;
     Wait wait;
     unsigned generation;  // of the barrier it waits at
+    unsigned shuffles;    // shuffles done, whose parity picks the exchange slots
 };
 
-static const size_t STACK_BYTES = 256 << 10;
+static const size_t STACK_BYTES = 128 << 10;
 
 struct Block {
     std::vector<Thread> threads;
@@ -154,7 +155,7 @@ struct Block {
     std::vector<unsigned> warp_generation;
     int block_live, block_arrived;
     unsigned block_generation;
-    std::vector<uint64_t> exchange;  // one shuffle slot per thread
+    std::vector<uint64_t> exchange;  // two shuffle slots per thread, used in turn
     std::vector<unsigned char> dynamic_shared;
     const std::function<void()>* body;
     char* stacks = NULL;
@@ -164,13 +165,37 @@ static Block B;
 
 static Thread& me() { return B.threads[B.current]; }
 
+static bool runnable(const Thread& t);
+
+// The next thread to run after the current one stops at a barrier or ends: the first runnable
+// one after it, round robin; the scheduler when every thread has ended. A live thread that
+// cannot run while none can is a barrier that some threads never reach.
+static void switch_to_next() {
+    int n = (int)B.threads.size(), from = B.current;
+    for (int step = 1; step <= n; step++) {
+        int i = (from + step) % n;
+        Thread& t = B.threads[i];
+        if (!runnable(t)) { continue; }
+        t.wait = RUNNING;
+        B.current = i;
+        threadIdx = dim3(t.x, t.y, t.z);
+        if (i == from) { return; }
 #if defined(__x86_64__)
-static void to_scheduler() { emu_switch(&me().context.sp, B.scheduler.sp); }
-static void to_thread(int i) { emu_switch(&B.scheduler.sp, B.threads[i].context.sp); }
+        emu_switch(&B.threads[from].context.sp, t.context.sp);
 #else
-static void to_scheduler() { swapcontext(&me().context.uc, &B.scheduler.uc); }
-static void to_thread(int i) { swapcontext(&B.scheduler.uc, &B.threads[i].context.uc); }
+        swapcontext(&B.threads[from].context.uc, &t.context.uc);
 #endif
+        return;
+    }
+    for (const Thread& t : B.threads) {
+        if (t.wait != DONE) { fail("deadlock: some threads wait at a barrier that others never reach"); }
+    }
+#if defined(__x86_64__)
+    emu_switch(&B.threads[from].context.sp, B.scheduler.sp);
+#else
+    swapcontext(&B.threads[from].context.uc, &B.scheduler.uc);
+#endif
+}
 
 static void warp_barrier() {
     Thread& t = me();
@@ -182,7 +207,7 @@ static void warp_barrier() {
     }
     t.wait = AT_WARP_BARRIER;
     t.generation = g;
-    to_scheduler();
+    switch_to_next();
 }
 
 static void block_barrier() {
@@ -195,7 +220,7 @@ static void block_barrier() {
     }
     t.wait = AT_BLOCK_BARRIER;
     t.generation = g;
-    to_scheduler();
+    switch_to_next();
 }
 
 static void thread_entry() {
@@ -211,11 +236,8 @@ static void thread_entry() {
         B.block_arrived = 0;
         B.block_generation++;
     }
-#if defined(__x86_64__)
-    to_scheduler();  // never resumed
+    switch_to_next();  // never resumed
     __builtin_unreachable();
-#endif
-    // ucontext: returning resumes uc_link, the scheduler
 }
 
 // a fresh context that starts in thread_entry on its own stack
@@ -231,7 +253,7 @@ static void make_context(Thread& t, char* stack) {
     getcontext(&t.context.uc);
     t.context.uc.uc_stack.ss_sp = stack;
     t.context.uc.uc_stack.ss_size = STACK_BYTES;
-    t.context.uc.uc_link = &B.scheduler.uc;
+    t.context.uc.uc_link = NULL;  // thread_entry never returns
     makecontext(&t.context.uc, thread_entry, 0);
 #endif
 }
@@ -254,7 +276,7 @@ static void run_block(unsigned bx, unsigned by, unsigned bz, size_t shared_bytes
     B.block_live = n;
     B.block_arrived = 0;
     B.block_generation = 0;
-    B.exchange.assign(n, 0);
+    B.exchange.assign(2 * (size_t)n, 0);
     B.dynamic_shared.assign(shared_bytes + 16, 0xFF);
     if (B.stacks_for < (size_t)n) {
         if (B.stacks) { munmap(B.stacks, B.stacks_for * STACK_BYTES); }
@@ -271,25 +293,19 @@ static void run_block(unsigned bx, unsigned by, unsigned bz, size_t shared_bytes
         t.warp = i / 32;
         t.lane = i % 32;
         t.wait = RUNNING;
+        t.shuffles = 0;
         B.warp_live[t.warp]++;
         make_context(t, B.stacks + (size_t)i * STACK_BYTES);
     }
-    for (;;) {
-        bool alive = false, progressed = false;
-        for (int i = 0; i < n; i++) {
-            Thread& t = B.threads[i];
-            if (t.wait == DONE) { continue; }
-            alive = true;
-            if (!runnable(t)) { continue; }
-            t.wait = RUNNING;
-            B.current = i;
-            threadIdx = dim3(t.x, t.y, t.z);
-            to_thread(i);
-            progressed = true;
-        }
-        if (!alive) { break; }
-        if (!progressed) { fail("deadlock: some threads wait at a barrier that others never reach"); }
-    }
+    // thread 0 starts; from then on the threads hand over to each other (switch_to_next) and the
+    // last one to end comes back here
+    B.current = 0;
+    threadIdx = dim3(0, 0, 0);
+#if defined(__x86_64__)
+    emu_switch(&B.scheduler.sp, B.threads[0].context.sp);
+#else
+    swapcontext(&B.scheduler.uc, &B.threads[0].context.uc);
+#endif
 }
 
 // Runs body as every thread of every block of the grid, one block after another.
@@ -310,20 +326,21 @@ static void launch(dim3 grid, dim3 block, size_t shared_bytes, const std::functi
 
 static void* dynamic_shared() { return (void*)(((uintptr_t)B.dynamic_shared.data() + 15) & ~(uintptr_t)15); }
 
+// Every lane writes its value to its slot, waits for the warp, reads the source lane's slot.
+// Consecutive shuffles use alternate slots: a lane cannot write a slot again before every lane
+// has passed the barrier of the shuffle in between, so one barrier per shuffle is enough.
 template <typename T>
 static T shuffle(T v, int source_lane) {
     static_assert(sizeof(T) <= 8, "shuffle of more than 8 bytes");
     Thread& t = me();
+    size_t n = B.threads.size(), parity = (t.shuffles++ & 1) * n;
     uint64_t bits = 0;
     memcpy(&bits, &v, sizeof(T));
-    B.exchange[B.current] = bits;
+    B.exchange[parity + B.current] = bits;
     warp_barrier();
-    int src = t.warp * 32 + source_lane;
-    T out = v;
-    if (source_lane >= 0 && source_lane < 32 && src < (int)B.threads.size() && B.threads[src].wait != DONE) {
-        memcpy(&out, &B.exchange[src], sizeof(T));
-    }
-    warp_barrier();  // everyone has read before a slot is written again
+    size_t src = (size_t)t.warp * 32 + source_lane;
+    T out = v;  // a lane outside the block reads its own value (undefined in CUDA)
+    if (source_lane >= 0 && source_lane < 32 && src < n) { memcpy(&out, &B.exchange[parity + src], sizeof(T)); }
     return out;
 }
 
