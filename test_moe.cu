@@ -233,23 +233,6 @@ static void test_against_reference(const char* name, const char* state_path, int
 // ----------------------------------------------------------------------------
 // invariants
 
-static float* build_from_options(const std::string& options, ModelConfig* cfg, TrainArgs* args) {
-    std::vector<std::string> words;
-    size_t pos = 0;
-    while (pos < options.size()) {
-        size_t end = options.find(' ', pos);
-        if (end == std::string::npos) { end = options.size(); }
-        if (end > pos) { words.push_back(options.substr(pos, end - pos)); }
-        pos = end + 1;
-    }
-    std::vector<char*> argv;
-    static char program[] = "test_moe";
-    argv.push_back(program);
-    for (std::string& w : words) { argv.push_back(&w[0]); }
-    parse_args((int)argv.size(), argv.data(), args);
-    return setup_model(args, cfg);
-}
-
 static std::vector<float> forward_logits(const std::string& options, const int* inputs, int B, int T) {
     ModelConfig cfg;
     TrainArgs args;

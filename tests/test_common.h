@@ -1,6 +1,6 @@
 /*
 What the CPU and GPU test programs share: PASS/FAIL lines, the scaled error, per-tensor
-comparison of parameter-shaped buffers, and the reader of the PyTorch reference's debug state
+comparison of parameter-shaped buffers, a model built from an option string, and the reader of the PyTorch reference's debug state
 (doc/formats.md, "Debug state"). Host code only.
 */
 #pragma once
@@ -9,7 +9,9 @@ comparison of parameter-shaped buffers, and the reader of the PyTorch reference'
 #include <cstdarg>
 #include <string>
 #include <vector>
+#include "../common/args.h"
 #include "../common/model_config.h"
+#include "../common/model_setup.h"
 #include "../common/utils.h"
 
 static int failures = 0;
@@ -109,3 +111,22 @@ static double compare_tensors(const char* name, const float* ours, const float* 
     return worst;
 }
 
+// ----------------------------------------------------------------------------
+// the model of an option string, e.g. "-m dense.bin -e 8 -k 2", as the engines' main builds it
+
+static float* build_from_options(const std::string& options, ModelConfig* cfg, TrainArgs* args) {
+    std::vector<std::string> words;
+    size_t pos = 0;
+    while (pos < options.size()) {
+        size_t end = options.find(' ', pos);
+        if (end == std::string::npos) { end = options.size(); }
+        if (end > pos) { words.push_back(options.substr(pos, end - pos)); }
+        pos = end + 1;
+    }
+    std::vector<char*> argv;
+    static char program[] = "test";
+    argv.push_back(program);
+    for (std::string& w : words) { argv.push_back(&w[0]); }
+    parse_args((int)argv.size(), argv.data(), args);
+    return setup_model(args, cfg);
+}
