@@ -16,9 +16,14 @@ What is emulated, faithfully enough for the kernels' logic:
   - cuBLASLt's matmul (the calls kernels/matmul.cuh makes: column-major layouts, transposes,
     leading dimensions, beta, the bias epilogue, fp32 or bf16 operands) in plain loops;
   - bf16 is a 16-bit type with round-to-nearest-even conversions, as __float2bfloat16.
-What is not: timing, the memory model between warps without a barrier, races, atomics, the
-tensor-core (inline PTX) kernels; a kernel that relies on lockstep execution within a warp
-without a __syncwarp is not caught. It checks what the kernels compute, not how fast.
+  - the inline PTX of kernels/mma.cuh: mma.sync m16n8k16 bf16 (a warp-wide exchange of the
+    fragments, fp32 sums in k order), ldmatrix x4 and .trans (each lane reads the rows whose
+    addresses the others give), cp.async (the copies are queued per thread and done only at
+    cp.async.wait_group, so a tile read before its wait is still NaN); shared addresses are
+    offsets into the block's dynamic shared memory, checked for bounds and 16-byte alignment.
+What is not: timing, the memory model between warps without a barrier, races, atomics; a kernel
+that relies on lockstep execution within a warp without a __syncwarp is not caught. It checks
+what the kernels compute, not how fast.
 */
 #pragma once
 
@@ -30,6 +35,7 @@ without a __syncwarp is not caught. It checks what the kernels compute, not how 
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <initializer_list>
 #include <vector>
 #include <algorithm>
 
@@ -49,6 +55,8 @@ struct dim3 {
     dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
 };
 static dim3 threadIdx, blockIdx, blockDim, gridDim;
+struct alignas(16) int4 { int x, y, z, w; };
+static inline int4 make_int4(int x, int y, int z, int w) { return {x, y, z, w}; }
 
 // ----------------------------------------------------------------------------
 // bf16
@@ -56,6 +64,13 @@ static dim3 threadIdx, blockIdx, blockDim, gridDim;
 struct __nv_bfloat16 {
     uint16_t bits;
     __nv_bfloat16() = default;
+    explicit __nv_bfloat16(float f) {
+        uint32_t u;
+        memcpy(&u, &f, 4);
+        if ((u & 0x7fffffffu) > 0x7f800000u) { bits = (uint16_t)((u >> 16) | 0x40); return; }  // NaN stays NaN
+        u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest, ties to even
+        bits = (uint16_t)(u >> 16);
+    }
     operator float() const {
         uint32_t u = (uint32_t)bits << 16;
         float f;
@@ -64,15 +79,7 @@ struct __nv_bfloat16 {
     }
 };
 struct __nv_bfloat162 { __nv_bfloat16 x, y; };
-static inline __nv_bfloat16 __float2bfloat16(float f) {
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    __nv_bfloat16 b;
-    if ((u & 0x7fffffffu) > 0x7f800000u) { b.bits = (uint16_t)((u >> 16) | 0x40); return b; }  // NaN stays NaN
-    u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest, ties to even
-    b.bits = (uint16_t)(u >> 16);
-    return b;
-}
+static inline __nv_bfloat16 __float2bfloat16(float f) { return __nv_bfloat16(f); }
 static inline float __bfloat162float(__nv_bfloat16 b) { return (float)b; }
 static inline __nv_bfloat162 __floats2bfloat162_rn(float a, float b) { return {__float2bfloat16(a), __float2bfloat16(b)}; }
 
@@ -89,8 +96,6 @@ static inline size_t min(size_t a, size_t b) { return a < b ? a : b; }
 static inline size_t max(size_t a, size_t b) { return a > b ? a : b; }
 static inline float rsqrtf(float x) { return 1.0f / sqrtf(x); }
 
-static inline size_t __cvta_generic_to_shared(const void* p) { return (size_t)p; }
-
 // ----------------------------------------------------------------------------
 // the thread scheduler
 
@@ -100,7 +105,6 @@ namespace emu {
     fprintf(stderr, "CUDA emulation: %s\n", what);
     exit(3);
 }
-static void unsupported(const char* what) { fail(what); }
 
 enum Wait { RUNNING, AT_WARP_BARRIER, AT_BLOCK_BARRIER, DONE };
 
@@ -142,10 +146,22 @@ struct Thread {
     int warp, lane;
     Wait wait;
     unsigned generation;  // of the barrier it waits at
-    unsigned shuffles;    // shuffles done, whose parity picks the exchange slots
+    unsigned exchanges;   // warp exchanges done (shuffles, ldmatrix, mma), whose parity picks the slots
+};
+
+// a cp.async in flight: done at the cp.async.wait_group that covers its group
+struct AsyncCopy {
+    void* dst;
+    const void* src;
+    int bytes, src_bytes;  // bytes past src_bytes are zero-filled
+};
+struct AsyncCopies {
+    std::vector<AsyncCopy> issued;  // in issue order, committed groups first
+    std::vector<int> group_sizes;   // the committed groups, oldest first
 };
 
 static const size_t STACK_BYTES = 128 << 10;
+static const size_t EXCHANGE_WORDS = 3;  // an mma's six 32-bit A and B registers
 
 struct Block {
     std::vector<Thread> threads;
@@ -155,7 +171,8 @@ struct Block {
     std::vector<unsigned> warp_generation;
     int block_live, block_arrived;
     unsigned block_generation;
-    std::vector<uint64_t> exchange;  // two shuffle slots per thread, used in turn
+    std::vector<uint64_t> exchange;  // per thread two slots of EXCHANGE_WORDS, used in turn
+    std::vector<AsyncCopies> async_copies;  // per thread
     std::vector<unsigned char> dynamic_shared;
     const std::function<void()>* body;
     char* stacks = NULL;
@@ -276,7 +293,8 @@ static void run_block(unsigned bx, unsigned by, unsigned bz, size_t shared_bytes
     B.block_live = n;
     B.block_arrived = 0;
     B.block_generation = 0;
-    B.exchange.assign(2 * (size_t)n, 0);
+    B.exchange.assign(2 * (size_t)n * EXCHANGE_WORDS, 0);
+    B.async_copies.assign(n, AsyncCopies());
     B.dynamic_shared.assign(shared_bytes + 16, 0xFF);
     if (B.stacks_for < (size_t)n) {
         if (B.stacks) { munmap(B.stacks, B.stacks_for * STACK_BYTES); }
@@ -293,7 +311,7 @@ static void run_block(unsigned bx, unsigned by, unsigned bz, size_t shared_bytes
         t.warp = i / 32;
         t.lane = i % 32;
         t.wait = RUNNING;
-        t.shuffles = 0;
+        t.exchanges = 0;
         B.warp_live[t.warp]++;
         make_context(t, B.stacks + (size_t)i * STACK_BYTES);
     }
@@ -324,28 +342,200 @@ static void launch(dim3 grid, dim3 block, size_t shared_bytes, const std::functi
     }
 }
 
-static void* dynamic_shared() { return (void*)(((uintptr_t)B.dynamic_shared.data() + 15) & ~(uintptr_t)15); }
 
-// Every lane writes its value to its slot, waits for the warp, reads the source lane's slot.
-// Consecutive shuffles use alternate slots: a lane cannot write a slot again before every lane
-// has passed the barrier of the shuffle in between, so one barrier per shuffle is enough.
+// Every lane writes `count` words to its slot, waits for the warp, and gets the slots of the
+// warp's 32 lanes (EXCHANGE_WORDS apart; a lane past the block's last thread reads zeros).
+// Consecutive exchanges use alternate slots: a lane cannot write a slot again before every lane
+// has passed the barrier of the exchange in between, so one barrier per exchange is enough.
+static const uint64_t* warp_exchange(const uint64_t* words, size_t count) {
+    Thread& t = me();
+    size_t n = B.threads.size(), parity = (t.exchanges++ & 1) * n * EXCHANGE_WORDS;
+    memcpy(&B.exchange[parity + B.current * EXCHANGE_WORDS], words, count * sizeof(uint64_t));
+    warp_barrier();
+    return &B.exchange[parity + (size_t)t.warp * 32 * EXCHANGE_WORDS];
+}
+
 template <typename T>
 static T shuffle(T v, int source_lane) {
     static_assert(sizeof(T) <= 8, "shuffle of more than 8 bytes");
-    Thread& t = me();
-    size_t n = B.threads.size(), parity = (t.shuffles++ & 1) * n;
     uint64_t bits = 0;
     memcpy(&bits, &v, sizeof(T));
-    B.exchange[parity + B.current] = bits;
-    warp_barrier();
-    size_t src = (size_t)t.warp * 32 + source_lane;
+    const uint64_t* slots = warp_exchange(&bits, 1);
+    size_t src = (size_t)me().warp * 32 + source_lane;
     T out = v;  // a lane outside the block reads its own value (undefined in CUDA)
-    if (source_lane >= 0 && source_lane < 32 && src < n) { memcpy(&out, &B.exchange[parity + src], sizeof(T)); }
+    if (source_lane >= 0 && source_lane < 32 && src < B.threads.size()) { memcpy(&out, &slots[source_lane * EXCHANGE_WORDS], sizeof(T)); }
     return out;
 }
 
+// ----------------------------------------------------------------------------
+// inline PTX (kernels/mma.cuh): tests/emu/translate.py turns asm volatile("ptx" : outputs : inputs)
+// into ptx("ptx", {out(..), .., in(..), ..}), outputs by address and inputs by value
+
+struct Operand {
+    void* address;   // an output
+    uint64_t value;  // an input's bits
+};
+template <typename T> static Operand out(T& x) { return {(void*)&x, 0}; }
+template <typename T> static Operand in(T x) {
+    static_assert(sizeof(T) <= 8, "asm operand of more than 8 bytes");
+    Operand o = {NULL, 0};
+    memcpy(&o.value, &x, sizeof(T));
+    return o;
+}
+
+static unsigned char* shared_base() { return (unsigned char*)(((uintptr_t)B.dynamic_shared.data() + 15) & ~(uintptr_t)15); }
+static size_t shared_size() { return B.dynamic_shared.size() - (shared_base() - B.dynamic_shared.data()); }
+
+// the shared-space address of p: its offset in the block's dynamic shared memory
+static uint32_t shared_address(const void* p) {
+    uintptr_t base = (uintptr_t)shared_base(), a = (uintptr_t)p;
+    if (a < base || a >= base + shared_size()) { fail("__cvta_generic_to_shared of an address outside the dynamic shared memory"); }
+    return (uint32_t)(a - base);
+}
+
+// the memory behind `bytes` bytes at a shared-space address, which must be aligned to `align`
+static unsigned char* shared_at(uint64_t address, size_t bytes, size_t align, const char* what) {
+    if (address % align != 0) { fail(what); }
+    if (address + bytes > shared_size()) { fail("shared memory access past the block's dynamic shared memory"); }
+    return shared_base() + address;
+}
+
+static bool whole_warp() { return B.warp_live[me().warp] == 32; }
+
+static uint32_t load_u32(const unsigned char* p) {
+    uint32_t v;
+    memcpy(&v, p, 4);
+    return v;
+}
+
+// ldmatrix.sync.aligned.m8n8.x4[.trans].shared.b16: lane l gives the address of row l%8 of matrix
+// l/8; r[i] gets matrix i's (row l/4, columns 2(l%4), 2(l%4)+1), or with .trans its (rows 2(l%4),
+// 2(l%4)+1, column l/4), the first element in the lower half
+static void ldmatrix_x4(const Operand* ops, bool trans) {
+    if (!whole_warp()) { fail("ldmatrix.sync by a warp with exited threads"); }
+    uint64_t address = ops[4].value;
+    const uint64_t* slots = warp_exchange(&address, 1);
+    int l = me().lane;
+    for (int i = 0; i < 4; i++) {
+        uint32_t r;
+        if (!trans) {
+            r = load_u32(shared_at(slots[(8 * i + l / 4) * EXCHANGE_WORDS], 16, 16, "ldmatrix row address not 16-byte aligned") + 4 * (l % 4));
+        } else {
+            const unsigned char* lo = shared_at(slots[(8 * i + 2 * (l % 4)) * EXCHANGE_WORDS], 16, 16, "ldmatrix row address not 16-byte aligned");
+            const unsigned char* hi = shared_at(slots[(8 * i + 2 * (l % 4) + 1) * EXCHANGE_WORDS], 16, 16, "ldmatrix row address not 16-byte aligned");
+            uint16_t a, b;
+            memcpy(&a, lo + 2 * (l / 4), 2);
+            memcpy(&b, hi + 2 * (l / 4), 2);
+            r = (uint32_t)a | ((uint32_t)b << 16);
+        }
+        memcpy(ops[i].address, &r, 4);
+    }
+}
+
+static float bf16_half(uint32_t reg, int high) {
+    uint32_t u = high ? (reg & 0xFFFF0000u) : (reg << 16);
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+// mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 with D = C: every lane gives its A and B
+// registers; each rebuilds A (16 x 16) and B (16 x 8) and computes its four D elements (layouts in
+// kernels/mma.cuh), adding the 16 exact products to C in k order
+static void mma_m16n8k16_bf16(const Operand* ops) {
+    if (!whole_warp()) { fail("mma.sync by a warp with exited threads"); }
+    uint64_t mine[EXCHANGE_WORDS] = {ops[4].value | (ops[5].value << 32), ops[6].value | (ops[7].value << 32), ops[8].value | (ops[9].value << 32)};
+    const uint64_t* slots = warp_exchange(mine, EXCHANGE_WORDS);
+    float A[16][16], Bm[16][8];
+    for (int lane = 0; lane < 32; lane++) {
+        const uint64_t* w = &slots[lane * EXCHANGE_WORDS];
+        uint32_t a[4] = {(uint32_t)w[0], (uint32_t)(w[0] >> 32), (uint32_t)w[1], (uint32_t)(w[1] >> 32)};
+        uint32_t b[2] = {(uint32_t)w[2], (uint32_t)(w[2] >> 32)};
+        int g = lane / 4, c = lane % 4;
+        for (int h = 0; h < 2; h++) {
+            A[g][2 * c + h] = bf16_half(a[0], h);
+            A[g + 8][2 * c + h] = bf16_half(a[1], h);
+            A[g][2 * c + 8 + h] = bf16_half(a[2], h);
+            A[g + 8][2 * c + 8 + h] = bf16_half(a[3], h);
+            Bm[2 * c + h][g] = bf16_half(b[0], h);
+            Bm[2 * c + 8 + h][g] = bf16_half(b[1], h);
+        }
+    }
+    int l = me().lane, g = l / 4, c = l % 4;
+    for (int i = 0; i < 4; i++) {
+        int row = g + (i / 2) * 8, col = 2 * c + i % 2;
+        float* d = (float*)ops[i].address;
+        float acc = *d;
+        for (int k = 0; k < 16; k++) { acc += A[row][k] * Bm[k][col]; }
+        *d = acc;
+    }
+}
+
+// cp.async.{ca,cg}.shared.global [dst], [src], bytes, src_bytes: queued until its wait_group
+static void cp_async(const char* ptx, const Operand* ops) {
+    int bytes = 0;
+    const char* p = strchr(ptx, ']');
+    if (p) { p = strchr(p + 1, ']'); }
+    if (!p || sscanf(p + 1, " , %d", &bytes) != 1 || (bytes != 4 && bytes != 8 && bytes != 16)) { fail("cp.async: size not understood"); }
+    AsyncCopy copy;
+    copy.dst = shared_at(ops[0].value, bytes, bytes, "cp.async destination not aligned to its size");
+    copy.src = (const void*)(uintptr_t)ops[1].value;
+    copy.bytes = bytes;
+    copy.src_bytes = (int)(uint32_t)ops[2].value;
+    if ((uintptr_t)copy.src % bytes != 0) { fail("cp.async source not aligned to its size"); }
+    if (copy.src_bytes < 0 || copy.src_bytes > bytes) { fail("cp.async: source size outside 0..size"); }
+    B.async_copies[B.current].issued.push_back(copy);
+}
+
+static void cp_async_commit() {
+    AsyncCopies& q = B.async_copies[B.current];
+    int committed = 0;
+    for (int n : q.group_sizes) { committed += n; }
+    q.group_sizes.push_back((int)q.issued.size() - committed);
+}
+
+// does the copies of the oldest committed groups until at most `pending` remain in flight
+static void cp_async_wait(int pending) {
+    AsyncCopies& q = B.async_copies[B.current];
+    size_t done = 0;
+    while ((int)q.group_sizes.size() > pending) {
+        for (int i = 0; i < q.group_sizes.front(); i++, done++) {
+            const AsyncCopy& copy = q.issued[done];
+            memcpy(copy.dst, copy.src, copy.src_bytes);
+            memset((unsigned char*)copy.dst + copy.src_bytes, 0, copy.bytes - copy.src_bytes);
+        }
+        q.group_sizes.erase(q.group_sizes.begin());
+    }
+    q.issued.erase(q.issued.begin(), q.issued.begin() + done);
+}
+
+static bool starts_with(const char* s, const char* prefix) { return strncmp(s, prefix, strlen(prefix)) == 0; }
+
+static void ptx(const char* text, std::initializer_list<Operand> operands) {
+    const Operand* ops = operands.begin();
+    if (starts_with(text, "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 ") && operands.size() == 10) {
+        mma_m16n8k16_bf16(ops);
+    } else if (starts_with(text, "ldmatrix.sync.aligned.m8n8.x4.shared.b16 ") && operands.size() == 5) {
+        ldmatrix_x4(ops, false);
+    } else if (starts_with(text, "ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 ") && operands.size() == 5) {
+        ldmatrix_x4(ops, true);
+    } else if ((starts_with(text, "cp.async.cg.shared.global ") || starts_with(text, "cp.async.ca.shared.global ")) && operands.size() == 3) {
+        cp_async(text, ops);
+    } else if (starts_with(text, "cp.async.commit_group;") && operands.size() == 0) {
+        cp_async_commit();
+    } else if (starts_with(text, "cp.async.wait_group ") && operands.size() == 1) {
+        cp_async_wait((int)ops[0].value);
+    } else {
+        fprintf(stderr, "CUDA emulation: inline PTX not emulated: %s\n", text);
+        exit(3);
+    }
+}
+
+static void* dynamic_shared() { return shared_base(); }
+
 }  // namespace emu
 
+static inline size_t __cvta_generic_to_shared(const void* p) { return emu::shared_address(p); }
 static inline void __syncthreads() { emu::block_barrier(); }
 static inline void __syncwarp(unsigned mask = 0xffffffffu) { emu::warp_barrier(); }
 template <typename T> static inline T __shfl_sync(unsigned mask, T v, int lane, int width = 32) { return emu::shuffle(v, lane % 32); }

@@ -2,12 +2,13 @@
 """Rewrites the GPU engine's sources so that a C++ compiler builds them against tests/emu/cuda_emu.h
 (the CPU emulation of CUDA). The product's files are not touched: the rewritten copies go to OUT.
 
-    translate.py ROOT OUT      # copies train_moe.cu, test_moe.cu, kernels/, common/, tests/test_common.h
+    translate.py ROOT OUT      # copies train_moe.cu, test_moe.cu, kernels/, common/, tests/test_common.h,
+                               # train_moe_cpu.cpp and the kernel studies of dev/cuda
 
 Rewrites, in .cu and .cuh files only:
   kernel<<<grid, block[, shared[, stream]]>>>(args)  ->  emu::launch(dim3(grid), dim3(block), shared, [&]() { kernel(args); })
   extern __shared__ [__align__(n)] T name[];         ->  T* name = (T*)emu::dynamic_shared();
-  asm volatile(...);                                  ->  emu::unsupported("inline PTX");
+  asm volatile("ptx" : outputs : inputs);             ->  emu::ptx("ptx", {emu::out(..), .., emu::in(..), ..});
   #include <cuda_runtime.h> and the other CUDA headers -> removed (cuda_emu.h is force-included)
 """
 import os
@@ -89,7 +90,42 @@ def rewrite_launches(text):
         pos = close + 1
 
 
+def split_asm_sections(text):
+    """the colon-separated sections of an asm statement's body, outside strings and brackets"""
+    parts, depth, start, in_string = [], 0, 0, False
+    for i, ch in enumerate(text):
+        if in_string:
+            if ch == '"' and text[i - 1] != '\\':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in '([{':
+            depth += 1
+        elif ch in ')]}':
+            depth -= 1
+        elif ch == ':' and depth == 0:
+            parts.append(text[start:i].strip())
+            start = i + 1
+    parts.append(text[start:].strip())
+    return parts
+
+
+def asm_operands(section):
+    """[(constraint, expression)] of an operand list such as '"+f"(d[0]), "r"(a)'"""
+    if not section:
+        return []
+    operands = []
+    for operand in split_top_level(section):
+        m = re.match(r'"([^"]*)"\s*\((.*)\)$', operand, re.S)
+        if not m:
+            raise ValueError("asm operand not understood: %s" % operand)
+        operands.append((m.group(1), m.group(2)))
+    return operands
+
+
 def rewrite_asm(text):
+    """asm volatile("template" : outputs : inputs : clobbers) -> emu::ptx("template", {operands});
+    outputs by address (emu::out), inputs by value (emu::in), in the template's %0, %1, .. order"""
     out, pos = [], 0
     pattern = re.compile(r'\basm\s+volatile\s*\(')
     while True:
@@ -98,8 +134,13 @@ def rewrite_asm(text):
             out.append(text[pos:])
             return ''.join(out)
         close = matching(text, m.end() - 1, '(', ')')
+        sections = split_asm_sections(text[m.end():close])
+        template = sections[0]
+        outputs = asm_operands(sections[1]) if len(sections) > 1 else []
+        inputs = asm_operands(sections[2]) if len(sections) > 2 else []
+        args = ['emu::out(%s)' % e for _, e in outputs] + ['emu::in(%s)' % e for _, e in inputs]
         out.append(text[pos:m.start()])
-        out.append('emu::unsupported("inline PTX")')
+        out.append('emu::ptx(%s, {%s})' % (template, ', '.join(args)))
         pos = close + 1
 
 
@@ -112,9 +153,10 @@ def translate(text):
 
 def main():
     root, out = sys.argv[1], sys.argv[2]
-    files = ['train_moe.cu', 'test_moe.cu', 'tests/test_common.h']
-    for folder in ('kernels', 'common'):
-        files += [os.path.join(folder, f) for f in sorted(os.listdir(os.path.join(root, folder)))]
+    files = ['train_moe.cu', 'test_moe.cu', 'tests/test_common.h', 'train_moe_cpu.cpp']
+    for folder in ('kernels', 'common', 'dev/cuda'):
+        files += [os.path.join(folder, f) for f in sorted(os.listdir(os.path.join(root, folder)))
+                  if f.endswith(('.cu', '.cuh', '.h'))]
     for rel in files:
         src, dst = os.path.join(root, rel), os.path.join(out, rel)
         os.makedirs(os.path.dirname(dst), exist_ok=True)
