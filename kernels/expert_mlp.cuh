@@ -4,35 +4,48 @@ fcproj (C x H) + bias, and the backward, as grouped GEMMs over the experts. The 
 only on the device (expert_offsets, E+1 prefix sums written by the routing of the same step), so
 the host launches for the worst case and each block reads which expert and rows it owns.
 
-Two grouped GEMM kernels, 64 x 64 output tiles, 256 threads each computing 4 x 4 in fp32 from
-floatX operands staged in shared memory (version 1: CUDA cores; a tensor-core version is the
-next step, see dev/cuda):
+Two grouped GEMMs do all the work:
   rows_gemm     Y (rows_e x N) = X (rows_e x K) . W_e  where W_e is (N x K) [transposed] or (K x N)
                 the rows vary per expert; epilogue: bias, and GELU keeping the pre-activation
   weights_gemm  dW_e (M x N) += dY_e^T (M x rows_e) . X_e (rows_e x N)
                 the depth (the expert's rows) varies; each output element is summed by one thread
-                in row order, so the weight gradients are deterministic.
+                in a fixed order, so the weight gradients are deterministic.
+Each comes in two versions, studied in dev/cuda/expert_mlp.cu:
+  simt  version 1: CUDA cores, 64 x 64 output tiles, 256 threads each computing 4 x 4 in fp32
+        from operands staged in shared memory; any shape, fp32 or bf16 (the FP32 build);
+  mma   version 2: tensor cores (kernels/mma.cuh), 128 x 128 output tiles, 8 warps of 64 x 32,
+        32-deep stages double-buffered by cp.async, fragments by ldmatrix (.trans where k runs
+        down a tile's columns: W_e (K x N) and both operands of weights_gemm); bf16 builds, C and
+        H multiples of 8, 16-byte aligned tensors.
+expert_mlp_forward and expert_mlp_backward take the mma version whenever it applies.
 */
 #pragma once
 
+#include <initializer_list>
 #include "common.cuh"
+#include "mma.cuh"
 
-#define XG_TILE 64   // output tile, rows and columns
-#define XG_DEPTH 16  // depth of one shared-memory stage
+#define XG_TILE 64   // version 1: output tile, rows and columns
+#define XG_DEPTH 16  // version 1: depth of one shared-memory stage
+#define XM_TILE 128  // version 2: output tile, rows and columns
+#define XM_DEPTH 32  // version 2: depth of one cp.async stage
 
 // ----------------------------------------------------------------------------
 // CUDA kernels
 
-// The tile of rows that block `tile` owns: its expert, first row and end row. Tiles are laid
-// out expert by expert, ceil(rows_e / XG_TILE) for expert e. False when the block has no work.
-__device__ bool find_row_tile(const int* expert_offsets, int E, int tile, int* expert, int* first, int* end) {
+// --- version 1: CUDA cores ---
+
+// The tile of rows that block `tile` owns: its expert, first row and end row. Tiles of
+// `tile_rows` are laid out expert by expert, ceil(rows_e / tile_rows) for expert e. False when
+// the block has no work.
+__device__ bool find_row_tile(const int* expert_offsets, int E, int tile_rows, int tile, int* expert, int* first, int* end) {
     int before = 0;
     for (int e = 0; e < E; e++) {
         int rows = expert_offsets[e + 1] - expert_offsets[e];
-        int tiles = (rows + XG_TILE - 1) / XG_TILE;
+        int tiles = (rows + tile_rows - 1) / tile_rows;
         if (tile < before + tiles) {
             *expert = e;
-            *first = expert_offsets[e] + (tile - before) * XG_TILE;
+            *first = expert_offsets[e] + (tile - before) * tile_rows;
             *end = expert_offsets[e + 1];
             return true;
         }
@@ -50,7 +63,7 @@ __global__ void rows_gemm_kernel(floatX* out, floatX* gelu_out, const floatX* X,
     __shared__ float xs[XG_DEPTH][XG_TILE];      // xs[k][r]
     __shared__ float ws[XG_DEPTH][XG_TILE + 4];  // ws[k][n]
     int e, first, end;
-    if (!find_row_tile(expert_offsets, E, blockIdx.x, &e, &first, &end)) { return; }
+    if (!find_row_tile(expert_offsets, E, XG_TILE, blockIdx.x, &e, &first, &end)) { return; }
     int n0 = blockIdx.y * XG_TILE;
     const floatX* We = W + (size_t)e * N * K;
     int tx = threadIdx.x % 16, ty = threadIdx.x / 16;  // this thread's 4 x 4: rows ty*4.., columns tx*4..
@@ -129,6 +142,179 @@ __global__ void weights_gemm_kernel(float* dW, const floatX* A, const floatX* B,
     }
 }
 
+// --- version 2: tensor cores (bf16 builds) ---
+// A block computes a 128 x 128 output tile D = A . B over a depth range [k_begin, k_end). Warp w
+// owns rows 64 (w / 4) .. +63 and columns 32 (w % 4) .. +31: 4 x 4 mma tiles of 16 x 8, whose
+// fp32 accumulators (64 per thread) stay in registers for the whole depth. An operand tile (A:
+// 128 rows m, B: 128 columns n) is stored in one of two ways, the way it lies in global memory:
+//   k along the rows (K_ALONG): (128, 32 + 8) bf16, row i holds k0..k0+31 of row/column i;
+//   k down the columns:         (32, 128 + 8) bf16, row k holds i0..i0+127.
+#if !defined(ENABLE_FP32)
+
+#define XM_WARPS 8
+#define XM_TILE_ELEMS (XM_TILE * (XM_DEPTH + 8))                  // 5120 >= XM_DEPTH * (XM_TILE + 8) = 4352
+#define XM_SMEM_BYTES (2 * 2 * XM_TILE_ELEMS * sizeof(floatX))    // two stages of A and B: 40 KiB
+
+// issue the copies of one operand's stage: element (i, k) for i in i0..i0+127, k in k0..k0+31,
+// found at src[i * ld + k] (K_ALONG) or src[k * ld + i]; outside i < i_end, k < k_end it is zero.
+// A copy moves 8 bf16 along the contiguous dimension, whose extent must be a multiple of 8.
+template <bool K_ALONG>
+__device__ __forceinline__ void xm_load_stage(floatX* tile, const floatX* src, int ld, int i0, int i_end, int k0, int k_end) {
+    if (K_ALONG) {
+        constexpr int CHUNKS = XM_DEPTH / 8;
+        for (int idx = threadIdx.x; idx < XM_TILE * CHUNKS; idx += blockDim.x) {
+            int i = idx / CHUNKS, k = (idx % CHUNKS) * 8;
+            bool inside = i0 + i < i_end && k0 + k < k_end;
+            cp_async_16(tile + i * (XM_DEPTH + 8) + k, inside ? src + (size_t)(i0 + i) * ld + k0 + k : src, inside);
+        }
+    } else {
+        constexpr int CHUNKS = XM_TILE / 8;
+        for (int idx = threadIdx.x; idx < XM_DEPTH * CHUNKS; idx += blockDim.x) {
+            int k = idx / CHUNKS, i = (idx % CHUNKS) * 8;
+            bool inside = i0 + i < i_end && k0 + k < k_end;
+            cp_async_16(tile + k * (XM_TILE + 8) + i, inside ? src + (size_t)(k0 + k) * ld + i0 + i : src, inside);
+        }
+    }
+}
+
+// acc += A_s . B_s over one stage: two k-steps of 16, each 4 A fragments, 4 B fragments, 16 mma
+template <bool A_K_ALONG, bool B_K_ALONG>
+__device__ __forceinline__ void xm_mma_stage(float acc[4][4][4], const floatX* a_s, const floatX* b_s, int warp_m, int warp_n) {
+    #pragma unroll
+    for (int ks = 0; ks < XM_DEPTH / 16; ks++) {
+        uint32_t a[4][4], b[4][2];
+        #pragma unroll
+        for (int mi = 0; mi < 4; mi++) {
+            int m0 = warp_m * 64 + mi * 16;
+            if (A_K_ALONG) { ldmatrix_a(a[mi], a_s, XM_DEPTH + 8, m0, ks * 16); } else { ldmatrix_a_trans(a[mi], a_s, XM_TILE + 8, m0, ks * 16); }
+        }
+        #pragma unroll
+        for (int nj = 0; nj < 2; nj++) {
+            int n0 = warp_n * 32 + nj * 16;
+            if (B_K_ALONG) {
+                ldmatrix_b_pair(b[2 * nj], b[2 * nj + 1], b_s, XM_DEPTH + 8, n0, ks * 16);
+            } else {
+                ldmatrix_b_pair_trans(b[2 * nj], b[2 * nj + 1], b_s, XM_TILE + 8, n0, ks * 16);
+            }
+        }
+        #pragma unroll
+        for (int mi = 0; mi < 4; mi++) {
+            #pragma unroll
+            for (int ni = 0; ni < 4; ni++) { mma_bf16_m16n8k16(acc[mi][ni], a[mi], b[ni]); }
+        }
+    }
+}
+
+// acc = A (rows m0.., m < m_end) . B (columns n0.., n < n_end) over k in [k_begin, k_end); smem holds
+// XM_SMEM_BYTES. The next stage is copied while the tensor cores work on the current one.
+template <bool A_K_ALONG, bool B_K_ALONG>
+__device__ __forceinline__ void xm_block_product(float acc[4][4][4], floatX* smem, const floatX* A, int lda, int m0, int m_end,
+                                                 const floatX* B, int ldb, int n0, int n_end, int k_begin, int k_end) {
+    int warp = threadIdx.x / WARP_SIZE, warp_m = warp / 4, warp_n = warp % 4;
+    #pragma unroll
+    for (int mi = 0; mi < 4; mi++) {
+        #pragma unroll
+        for (int ni = 0; ni < 4; ni++) {
+            #pragma unroll
+            for (int i = 0; i < 4; i++) { acc[mi][ni][i] = 0.0f; }
+        }
+    }
+    int stages = (k_end - k_begin + XM_DEPTH - 1) / XM_DEPTH;
+    if (stages <= 0) { return; }
+    // stage buffer b holds A at smem + 2b * XM_TILE_ELEMS and B right after it
+    xm_load_stage<A_K_ALONG>(smem, A, lda, m0, m_end, k_begin, k_end);
+    xm_load_stage<B_K_ALONG>(smem + XM_TILE_ELEMS, B, ldb, n0, n_end, k_begin, k_end);
+    cp_async_commit();
+    for (int s = 0; s < stages; s++) {
+        if (s + 1 < stages) {
+            int k0 = k_begin + (s + 1) * XM_DEPTH;
+            floatX* next = smem + ((s + 1) & 1) * 2 * XM_TILE_ELEMS;
+            xm_load_stage<A_K_ALONG>(next, A, lda, m0, m_end, k0, k_end);
+            xm_load_stage<B_K_ALONG>(next + XM_TILE_ELEMS, B, ldb, n0, n_end, k0, k_end);
+            cp_async_commit();
+            cp_async_wait<1>();  // stage s has landed, s + 1 may still be in flight
+        } else {
+            cp_async_wait<0>();
+        }
+        __syncthreads();
+        const floatX* current = smem + (s & 1) * 2 * XM_TILE_ELEMS;
+        xm_mma_stage<A_K_ALONG, B_K_ALONG>(acc, current, current + XM_TILE_ELEMS, warp_m, warp_n);
+        __syncthreads();  // before the next iteration's copies overwrite this buffer
+    }
+}
+
+// rows_gemm on tensor cores: out = X W_e (+ bias, GELU) for a 128-row tile of one expert.
+// grid (expert_row_tiles(max_rows, E, XM_TILE), ceil(N / 128)), 256 threads, XM_SMEM_BYTES.
+template <bool W_TRANSPOSED>
+__global__ void __launch_bounds__(XM_WARPS * WARP_SIZE)
+    rows_gemm_mma_kernel(floatX* out, floatX* gelu_out, const floatX* X, const floatX* W, const floatX* bias, const int* expert_offsets,
+                         int E, int N, int K) {
+    extern __shared__ __align__(16) unsigned char xm_smem[];
+    int e, first, end;
+    if (!find_row_tile(expert_offsets, E, XM_TILE, blockIdx.x, &e, &first, &end)) { return; }
+    int n0 = blockIdx.y * XM_TILE;
+    const floatX* We = W + (size_t)e * N * K;
+    float acc[4][4][4];
+    // A = X rows first.., k along the rows; B = W_e: (N, K) holds k along the rows of n, (K, N) down the columns
+    xm_block_product<true, W_TRANSPOSED>(acc, reinterpret_cast<floatX*>(xm_smem), X, K, first, end, We, W_TRANSPOSED ? K : N, n0, N, 0, K);
+    int warp = threadIdx.x / WARP_SIZE, lane = threadIdx.x % WARP_SIZE, g = lane / 4, c = lane % 4;
+    #pragma unroll
+    for (int mi = 0; mi < 4; mi++) {
+        #pragma unroll
+        for (int half = 0; half < 2; half++) {
+            int row = first + (warp / 4) * 64 + mi * 16 + g + half * 8;
+            if (row >= end) { continue; }
+            #pragma unroll
+            for (int ni = 0; ni < 4; ni++) {
+                #pragma unroll
+                for (int j = 0; j < 2; j++) {
+                    int n = n0 + (warp % 4) * 32 + ni * 8 + 2 * c + j;
+                    if (n >= N) { continue; }
+                    float v = acc[mi][ni][half * 2 + j] + (bias ? to_float(bias[(size_t)e * N + n]) : 0.0f);
+                    floatX stored = from_float<floatX>(v);
+                    out[(size_t)row * N + n] = stored;
+                    if (gelu_out) { gelu_out[(size_t)row * N + n] = from_float<floatX>(gelu_tanh(to_float(stored))); }
+                }
+            }
+        }
+    }
+}
+
+// weights_gemm on tensor cores: dW_e (m0.., n0..) += A_e^T B_e over the expert's rows.
+// grid (ceil(N / 128), ceil(M / 128), E), 256 threads, XM_SMEM_BYTES.
+__global__ void __launch_bounds__(XM_WARPS * WARP_SIZE)
+    weights_gemm_mma_kernel(float* dW, const floatX* A, const floatX* B, const int* expert_offsets, int M, int N) {
+    extern __shared__ __align__(16) unsigned char xm_smem[];
+    int e = blockIdx.z, m0 = blockIdx.y * XM_TILE, n0 = blockIdx.x * XM_TILE;
+    int first = expert_offsets[e], end = expert_offsets[e + 1];
+    if (first == end) { return; }
+    float acc[4][4][4];
+    // the depth is the expert's rows: both A (rows, M) and B (rows, N) hold k down the columns
+    xm_block_product<false, false>(acc, reinterpret_cast<floatX*>(xm_smem), A, M, m0, M, B, N, n0, N, first, end);
+    float* dWe = dW + (size_t)e * M * N;
+    int warp = threadIdx.x / WARP_SIZE, lane = threadIdx.x % WARP_SIZE, g = lane / 4, c = lane % 4;
+    #pragma unroll
+    for (int mi = 0; mi < 4; mi++) {
+        #pragma unroll
+        for (int half = 0; half < 2; half++) {
+            int m = m0 + (warp / 4) * 64 + mi * 16 + g + half * 8;
+            if (m >= M) { continue; }
+            #pragma unroll
+            for (int ni = 0; ni < 4; ni++) {
+                #pragma unroll
+                for (int j = 0; j < 2; j++) {
+                    int n = n0 + (warp % 4) * 32 + ni * 8 + 2 * c + j;
+                    if (n < N) { dWe[(size_t)m * N + n] += acc[mi][ni][half * 2 + j]; }
+                }
+            }
+        }
+    }
+}
+
+#endif  // !ENABLE_FP32
+
+// --- both versions ---
+
 // dbias[e][n] += sum over expert e's rows of dY[r][n], in row order
 __global__ void expert_bias_grad_kernel(float* dbias, const floatX* dY, const int* expert_offsets, int N) {
     int e = blockIdx.y, n = blockIdx.x * blockDim.x + threadIdx.x;
@@ -148,41 +334,104 @@ __global__ void expert_gelu_backward_kernel(floatX* dfch, const floatX* fch, con
 // ----------------------------------------------------------------------------
 // kernel launchers
 
-static int expert_row_tiles(int max_rows, int E) { return ceil_div_int(max_rows, XG_TILE) + E; }
+// the row tiles a grid launches for at most max_rows rows over E experts: each expert's last tile may be partial
+static int expert_row_tiles(int max_rows, int E, int tile_rows) { return ceil_div_int(max_rows, tile_rows) + E; }
+
+static bool aligned16(const void* p) { return (uintptr_t)p % 16 == 0; }
+
+// whether version 2 (tensor cores) takes these shapes and tensors: bf16, C and H multiples of 8
+// (16-byte copies), 16-byte aligned bf16 tensors
+static bool expert_mma_applies(int C, int H, std::initializer_list<const void*> tensors) {
+#if defined(ENABLE_FP32)
+    (void)C; (void)H; (void)tensors;
+    return false;
+#else
+    if (C % 8 != 0 || H % 8 != 0) { return false; }
+    for (const void* p : tensors) {
+        if (!aligned16(p)) { return false; }
+    }
+    return true;
+#endif
+}
+
+// out (rows, N) = X (rows, K) . W_e (+ bias_e, with gelu_out = GELU(out)) for every expert's rows;
+// W is (E, N, K) when w_transposed, else (E, K, N). Version 2 exists in bf16 builds only
+// (expert_mlp_pick_version never asks for it in FP32).
+static void rows_gemm(int version, floatX* out, floatX* gelu_out, const floatX* X, const floatX* W, bool w_transposed, const floatX* bias,
+                      const int* expert_offsets, int max_rows, int E, int N, int K, cudaStream_t stream) {
+    if (version == 2) {
+#if !defined(ENABLE_FP32)
+        dim3 grid(expert_row_tiles(max_rows, E, XM_TILE), ceil_div_int(N, XM_TILE));
+        if (w_transposed) {
+            rows_gemm_mma_kernel<true><<<grid, XM_WARPS * WARP_SIZE, XM_SMEM_BYTES, stream>>>(out, gelu_out, X, W, bias, expert_offsets, E, N, K);
+        } else {
+            rows_gemm_mma_kernel<false><<<grid, XM_WARPS * WARP_SIZE, XM_SMEM_BYTES, stream>>>(out, gelu_out, X, W, bias, expert_offsets, E, N, K);
+        }
+        cudaCheckLaunch();
+        return;
+#endif
+    }
+    dim3 grid(expert_row_tiles(max_rows, E, XG_TILE), ceil_div_int(N, XG_TILE));
+    if (w_transposed) {
+        rows_gemm_kernel<true><<<grid, 256, 0, stream>>>(out, gelu_out, X, W, bias, expert_offsets, E, N, K);
+    } else {
+        rows_gemm_kernel<false><<<grid, 256, 0, stream>>>(out, gelu_out, X, W, bias, expert_offsets, E, N, K);
+    }
+    cudaCheckLaunch();
+}
+
+// dW (E, M, N) += A_e^T (M, rows_e) . B_e (rows_e, N) for every expert
+static void weights_gemm(int version, float* dW, const floatX* A, const floatX* B, const int* expert_offsets, int E, int M, int N,
+                         cudaStream_t stream) {
+    if (version == 2) {
+#if !defined(ENABLE_FP32)
+        dim3 grid(ceil_div_int(N, XM_TILE), ceil_div_int(M, XM_TILE), E);
+        weights_gemm_mma_kernel<<<grid, XM_WARPS * WARP_SIZE, XM_SMEM_BYTES, stream>>>(dW, A, B, expert_offsets, M, N);
+        cudaCheckLaunch();
+        return;
+#endif
+    }
+    weights_gemm_kernel<<<dim3(ceil_div_int(N, XG_TILE), ceil_div_int(M, XG_TILE), E), 256, 0, stream>>>(dW, A, B, expert_offsets, M, N);
+    cudaCheckLaunch();
+}
+
+// version 0 means the best that applies; asking for version 2 where it does not apply is an error
+static int expert_mlp_pick_version(int version, int C, int H, std::initializer_list<const void*> tensors) {
+    bool mma = expert_mma_applies(C, H, tensors);
+    if (version == 0) { return mma ? 2 : 1; }
+    if (version == 2 && !mma) { die("expert_mlp: version 2 needs a BF16 build, C and H multiples of 8 and 16-byte aligned tensors (C=%d H=%d)", C, H); }
+    if (version != 1 && version != 2) { die("expert_mlp: no version %d (1 or 2)", version); }
+    return version;
+}
 
 // inp (max_rows, C) in expert order; out (max_rows, C); fch, fch_gelu (max_rows, H) kept for the
 // backward. fcw (E,H,C), fcb (E,H), fcprojw (E,C,H), fcprojb (E,C).
 static void expert_mlp_forward(floatX* out, floatX* fch, floatX* fch_gelu, const floatX* inp, const int* expert_offsets, int max_rows,
                                const floatX* fcw, const floatX* fcb, const floatX* fcprojw, const floatX* fcprojb, int E, int C, int H,
-                               cudaStream_t stream) {
+                               cudaStream_t stream, int version = 0) {
     if (max_rows == 0) { return; }
-    int tiles = expert_row_tiles(max_rows, E);
-    rows_gemm_kernel<true><<<dim3(tiles, ceil_div_int(H, XG_TILE)), 256, 0, stream>>>(fch, fch_gelu, inp, fcw, fcb, expert_offsets, E, H, C);
-    cudaCheckLaunch();
-    rows_gemm_kernel<true><<<dim3(tiles, ceil_div_int(C, XG_TILE)), 256, 0, stream>>>(out, NULL, fch_gelu, fcprojw, fcprojb, expert_offsets, E, C, H);
-    cudaCheckLaunch();
+    version = expert_mlp_pick_version(version, C, H, {out, fch, fch_gelu, inp, fcw, fcprojw});
+    rows_gemm(version, fch, fch_gelu, inp, fcw, true, fcb, expert_offsets, max_rows, E, H, C, stream);
+    rows_gemm(version, out, NULL, fch_gelu, fcprojw, true, fcprojb, expert_offsets, max_rows, E, C, H, stream);
 }
 
 // dinp (max_rows, C) overwritten on the used rows; the weight gradients (fp32) +=; dfch, dfch_gelu scratch (max_rows, H)
 static void expert_mlp_backward(floatX* dinp, float* dfcw, float* dfcb, float* dfcprojw, float* dfcprojb, floatX* dfch, floatX* dfch_gelu,
                                 const floatX* dout, const floatX* inp, const floatX* fch, const floatX* fch_gelu, const int* expert_offsets,
-                                int max_rows, const floatX* fcw, const floatX* fcprojw, int E, int C, int H, cudaStream_t stream) {
+                                int max_rows, const floatX* fcw, const floatX* fcprojw, int E, int C, int H, cudaStream_t stream,
+                                int version = 0) {
     if (max_rows == 0) { return; }
-    int tiles = expert_row_tiles(max_rows, E);
+    version = expert_mlp_pick_version(version, C, H, {dinp, dfch, dfch_gelu, dout, inp, fch, fch_gelu, fcw, fcprojw});
     // fcproj: d fch_gelu = dout . fcprojw_e (C x H, so W_e(k=c, n=h) = fcprojw[e][c][h]); dW = dout^T fch_gelu; db = sums of dout
-    rows_gemm_kernel<false><<<dim3(tiles, ceil_div_int(H, XG_TILE)), 256, 0, stream>>>(dfch_gelu, NULL, dout, fcprojw, NULL, expert_offsets, E, H, C);
-    cudaCheckLaunch();
-    weights_gemm_kernel<<<dim3(ceil_div_int(H, XG_TILE), ceil_div_int(C, XG_TILE), E), 256, 0, stream>>>(dfcprojw, dout, fch_gelu, expert_offsets, C, H);
-    cudaCheckLaunch();
+    rows_gemm(version, dfch_gelu, NULL, dout, fcprojw, false, NULL, expert_offsets, max_rows, E, H, C, stream);
+    weights_gemm(version, dfcprojw, dout, fch_gelu, expert_offsets, E, C, H, stream);
     expert_bias_grad_kernel<<<dim3(ceil_div_int(C, 256), E), 256, 0, stream>>>(dfcprojb, dout, expert_offsets, C);
     cudaCheckLaunch();
     expert_gelu_backward_kernel<<<ceil_div_int((long long)max_rows * H, 256), 256, 0, stream>>>(dfch, fch, dfch_gelu, expert_offsets, E, H);
     cudaCheckLaunch();
     // fc: dinp = dfch . fcw_e (H x C, W_e(k=h, n=c) = fcw[e][h][c]); dW = dfch^T inp; db = sums of dfch
-    rows_gemm_kernel<false><<<dim3(tiles, ceil_div_int(C, XG_TILE)), 256, 0, stream>>>(dinp, NULL, dfch, fcw, NULL, expert_offsets, E, C, H);
-    cudaCheckLaunch();
-    weights_gemm_kernel<<<dim3(ceil_div_int(C, XG_TILE), ceil_div_int(H, XG_TILE), E), 256, 0, stream>>>(dfcw, dfch, inp, expert_offsets, H, C);
-    cudaCheckLaunch();
+    rows_gemm(version, dinp, NULL, dfch, fcw, false, NULL, expert_offsets, max_rows, E, C, H, stream);
+    weights_gemm(version, dfcw, dfch, inp, expert_offsets, E, H, C, stream);
     expert_bias_grad_kernel<<<dim3(ceil_div_int(H, 256), E), 256, 0, stream>>>(dfcb, dfch, expert_offsets, H);
     cudaCheckLaunch();
 }
