@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The CUDA part of make test (called by tests/run_tests.sh with its temporary folder, which holds
 # the reference states of the CPU section: NAME.state, NAME.options, dense.bin, shard.bin).
-#   1. build train_moe and test_moe for sm_80 and sm_90, BF16 and FP32: a build error fails;
+#   1. build train_moe and test_moe for sm_80 and sm_90, and the dev/cuda kernel studies for sm_90,
+#      BF16 and FP32: a build error fails;
 #   2. with a GPU: test_moe against the same reference states, and its invariants, both precisions;
 #      without one: "GPU tests skipped: no GPU", nothing counted.
 set -u
@@ -20,6 +21,13 @@ for precision in BF16 FP32; do
     else
         grep -E "error|warning" "$dir/build.log" | head -n 20
         echo "FAIL cuda_build[$precision]: see the errors above"
+    fi
+    t0=$SECONDS
+    if make -s -j2 -C dev/cuda PRECISION=$precision GPU_ARCH=90 BIN="$dir/dev_cuda" > "$dir/dev_cuda_build.log" 2>&1; then
+        echo "PASS dev_cuda_build[$precision]: every kernel study of dev/cuda for sm_90 in $((SECONDS - t0)) s"
+    else
+        grep -E "error|warning" "$dir/dev_cuda_build.log" | head -n 20
+        echo "FAIL dev_cuda_build[$precision]: see the errors above"
     fi
 done
 

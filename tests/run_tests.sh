@@ -11,7 +11,8 @@
 #   5. bad input: one clear error line, exit 1, no crash, nothing half-written
 #   6. the CUDA targets (tests/gpu_tests.sh): built with nvcc; run only where a GPU is
 #   7. the GPU engine's kernels on the CPU through a CUDA emulation (tests/emu/run.sh): test_moe
-#      in FP32 against the same reference states, checks named "emu.*"
+#      in FP32 and BF16 against the same reference states, and the dev/cuda kernel studies'
+#      validations, checks named "emu.*"
 set -u
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
