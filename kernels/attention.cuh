@@ -25,7 +25,7 @@ Two versions, studied in dev/cuda/attention.cu (versions 1 and 3 there):
     double buffering and ldmatrix, bf16 only, for hs a multiple of 8 (zero-padded to 16, 32, 64
     or 128) and 16-byte aligned tensors.
 attention_forward and attention_backward pick the mma version whenever it applies, unless the
-build defines ATTENTION_TILED_ONLY (to compare the two, and for the CPU emulation of tests/emu).
+build defines ATTENTION_TILED_ONLY (to compare the two inside the engine).
 */
 #pragma once
 
