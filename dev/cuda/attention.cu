@@ -610,12 +610,8 @@ static void benchmark(int only) {
 }
 
 int main(int argc, char** argv) {
-    int only = argc > 1 ? atoi(argv[1]) : 0;
-    bool quick = argc > 2 && strcmp(argv[2], "--quick") == 0;
-    if (only < 0 || only > NUM_VERSIONS) { die("attention: version %d does not exist (1..%d, or 0 for all)", only, NUM_VERSIONS); }
-    cudaDeviceProp prop;
-    cudaCheck(cudaGetDeviceProperties(&prop, 0));
-    printf("attention study on %s, %s\n", prop.name, PRECISION_NAME);
+    bool quick;
+    int only = study_start(argc, argv, "attention", NUM_VERSIONS, &quick);
     const Shape shapes[] = {
         {"tiny", 2, 7, 32, 4},          // hs 8: version 2 pads to 16
         {"one token", 2, 1, 64, 2},     // T = 1

@@ -41,6 +41,18 @@ namespace cpu {
 
 static int dev_failures = 0;
 
+// A study's command line, `STUDY [version] [--quick]`: returns the version to run (0: all of
+// 1..versions) and sets quick (the small shapes only, no timing); prints the study's first line.
+static inline int study_start(int argc, char** argv, const char* study, int versions, bool* quick) {
+    int only = argc > 1 ? atoi(argv[1]) : 0;
+    *quick = argc > 2 && strcmp(argv[2], "--quick") == 0;
+    if (only < 0 || only > versions) { die("%s: version %d does not exist (1..%d, or 0 for all)", study, only, versions); }
+    cudaDeviceProp prop;
+    cudaCheck(cudaGetDeviceProperties(&prop, 0));
+    printf("%s study on %s, %s\n", study, prop.name, PRECISION_NAME);
+    return only;
+}
+
 // n values from N(0, std^2), deterministic in seed
 static inline std::vector<float> random_vector(size_t n, uint64_t seed, float std = 1.0f) {
     std::vector<float> v(n);

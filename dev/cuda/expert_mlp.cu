@@ -164,28 +164,28 @@ static void validate_shape(const Shape& sh, int only) {
         check_true(name, rows_untouched(d_out, rows, max_rows, C) && rows_untouched(d_fch, rows, max_rows, H),
                    "never written (still NaN)");
 
+        // dinp, then the four weight gradients, which start from grad0: the backward adds to them
+        const std::vector<float>* refs[5] = {&dinp_ref, &grad_ref.fcw, &grad_ref.fcb, &grad_ref.fcprojw, &grad_ref.fcprojb};
+        const std::vector<float>* starts[4] = {&grad0.fcw, &grad0.fcb, &grad0.fcprojw, &grad0.fcprojb};
+        float* d_grads[4] = {d_dfcw, d_dfcb, d_dfcprojw, d_dfcprojb};
+        const char* names[5] = {"dinp", "dfcw", "dfcb", "dfcprojw", "dfcprojb"};
         std::vector<float> runs[2];
         for (int run = 0; run < 2; run++) {
             cudaCheck(cudaMemset(d_dinp, 0xff, (size_t)max_rows * C * sizeof(floatX)));
             cudaCheck(cudaMemset(d_dfch, 0xff, (size_t)max_rows * H * sizeof(floatX)));
             cudaCheck(cudaMemset(d_dfch_gelu, 0xff, (size_t)max_rows * H * sizeof(floatX)));
-            cudaCheck(cudaMemcpy(d_dfcw, grad0.fcw.data(), grad0.fcw.size() * sizeof(float), cudaMemcpyHostToDevice));
-            cudaCheck(cudaMemcpy(d_dfcb, grad0.fcb.data(), grad0.fcb.size() * sizeof(float), cudaMemcpyHostToDevice));
-            cudaCheck(cudaMemcpy(d_dfcprojw, grad0.fcprojw.data(), grad0.fcprojw.size() * sizeof(float), cudaMemcpyHostToDevice));
-            cudaCheck(cudaMemcpy(d_dfcprojb, grad0.fcprojb.data(), grad0.fcprojb.size() * sizeof(float), cudaMemcpyHostToDevice));
+            for (int t = 0; t < 4; t++) {
+                cudaCheck(cudaMemcpy(d_grads[t], starts[t]->data(), starts[t]->size() * sizeof(float), cudaMemcpyHostToDevice));
+            }
             expert_mlp_backward(d_dinp, d_dfcw, d_dfcb, d_dfcprojw, d_dfcprojb, d_dfch, d_dfch_gelu, d_dout, d_inp, d_fch, d_fch_gelu, d_offsets,
                                 max_rows, d_fcw, d_fcprojw, E, C, H, 0, version);
             cudaCheck(cudaDeviceSynchronize());
-            std::vector<float> all = to_host(d_dinp, (size_t)rows * C);
-            for (const float* p : {d_dfcw, d_dfcb, d_dfcprojw, d_dfcprojb}) {
-                size_t n = p == d_dfcw ? w.fcw.size() : p == d_dfcb ? w.fcb.size() : p == d_dfcprojw ? w.fcprojw.size() : w.fcprojb.size();
-                std::vector<float> v = to_host(p, n);
-                all.insert(all.end(), v.begin(), v.end());
+            runs[run] = to_host(d_dinp, (size_t)rows * C);
+            for (int t = 0; t < 4; t++) {
+                std::vector<float> v = to_host(d_grads[t], starts[t]->size());
+                runs[run].insert(runs[run].end(), v.begin(), v.end());
             }
-            runs[run] = all;
         }
-        const std::vector<float>* refs[5] = {&dinp_ref, &grad_ref.fcw, &grad_ref.fcb, &grad_ref.fcprojw, &grad_ref.fcprojb};
-        const char* names[5] = {"dinp", "dfcw", "dfcb", "dfcprojw", "dfcprojb"};
         size_t at = 0;
         for (int t = 0; t < 5; t++) {
             std::vector<float> part(runs[0].begin() + at, runs[0].begin() + at + refs[t]->size());
@@ -276,12 +276,8 @@ static void benchmark(int only) {
 }
 
 int main(int argc, char** argv) {
-    int only = argc > 1 ? atoi(argv[1]) : 0;
-    bool quick = argc > 2 && strcmp(argv[2], "--quick") == 0;
-    if (only < 0 || only > NUM_VERSIONS) { die("expert_mlp: version %d does not exist (1..%d, or 0 for all)", only, NUM_VERSIONS); }
-    cudaDeviceProp prop;
-    cudaCheck(cudaGetDeviceProperties(&prop, 0));
-    printf("expert_mlp study on %s, %s\n", prop.name, PRECISION_NAME);
+    bool quick;
+    int only = study_start(argc, argv, "expert_mlp", NUM_VERSIONS, &quick);
     std::vector<Shape> shapes = {
         {"tiny", 4, 32, 128, {37, 0, 133, 30}, 256},              // an empty expert, tiles of 37 and 133 rows
         {"odd", 3, 40, 136, {1, 129, 70}, 210},                   // C, H not multiples of 32: partial stages and columns

@@ -200,10 +200,8 @@ static void benchmark() {
 }
 
 int main(int argc, char** argv) {
-    bool quick = argc > 2 && strcmp(argv[2], "--quick") == 0;
-    cudaDeviceProp prop;
-    cudaCheck(cudaGetDeviceProperties(&prop, 0));
-    printf("routing study on %s, %s\n", prop.name, PRECISION_NAME);
+    bool quick;
+    study_start(argc, argv, "routing", 1, &quick);  // one version: the engine's
     const Mode modes[] = {
         {"top-2 renormalised, dropless", 8, 2, 1, ROUTER_TOPK, 0.0f, PRIORITY_ORDER},
         {"top-1 not renormalised", 4, 1, 0, ROUTER_TOPK, 0.0f, PRIORITY_ORDER},

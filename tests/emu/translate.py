@@ -33,14 +33,20 @@ def matching(text, i, open_ch, close_ch):
     raise ValueError("unbalanced %s at %d" % (open_ch, i))
 
 
-def split_top_level(text):
-    parts, depth, start = [], 0, 0
+def split_top_level(text, separator=','):
+    """the parts of text between separators outside brackets and string literals"""
+    parts, depth, start, in_string = [], 0, 0, False
     for i, ch in enumerate(text):
-        if ch in '([{':
+        if in_string:
+            if ch == '"' and text[i - 1] != '\\':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in '([{':
             depth += 1
         elif ch in ')]}':
             depth -= 1
-        elif ch == ',' and depth == 0:
+        elif ch == separator and depth == 0:
             parts.append(text[start:i].strip())
             start = i + 1
     parts.append(text[start:].strip())
@@ -90,26 +96,6 @@ def rewrite_launches(text):
         pos = close + 1
 
 
-def split_asm_sections(text):
-    """the colon-separated sections of an asm statement's body, outside strings and brackets"""
-    parts, depth, start, in_string = [], 0, 0, False
-    for i, ch in enumerate(text):
-        if in_string:
-            if ch == '"' and text[i - 1] != '\\':
-                in_string = False
-        elif ch == '"':
-            in_string = True
-        elif ch in '([{':
-            depth += 1
-        elif ch in ')]}':
-            depth -= 1
-        elif ch == ':' and depth == 0:
-            parts.append(text[start:i].strip())
-            start = i + 1
-    parts.append(text[start:].strip())
-    return parts
-
-
 def asm_operands(section):
     """[(constraint, expression)] of an operand list such as '"+f"(d[0]), "r"(a)'"""
     if not section:
@@ -134,7 +120,7 @@ def rewrite_asm(text):
             out.append(text[pos:])
             return ''.join(out)
         close = matching(text, m.end() - 1, '(', ')')
-        sections = split_asm_sections(text[m.end():close])
+        sections = split_top_level(text[m.end():close], ':')
         template = sections[0]
         outputs = asm_operands(sections[1]) if len(sections) > 1 else []
         inputs = asm_operands(sections[2]) if len(sections) > 2 else []
