@@ -45,7 +45,8 @@ static const double TOL_GRADS_MOE = TOL_GRADS;
 static const bool BF16 = false;
 #else
 static const double TOL_LOGITS = 1e-1, TOL_LOSS = 5e-3, TOL_GRADS = 3e-2, TOL_ROUTE_WEIGHT = 1e-2;
-static const double TOL_STEP_LOSS = 2e-3, TOL_PARAMS_AFTER = 0.4, TOL_COPY_UPCYCLE = 3e-2;
+static const double TOL_STEP_LOSS = 2e-3, TOL_COPY_UPCYCLE = 3e-2;
+static const double TOL_PARAMS_AFTER = 0.0;  // not compared in BF16 (reported as SKIP, see above)
 static const double TOL_GRADS_MOE = 0.5;
 static const float NEAR_TIE = 5e-2f;
 static const bool BF16 = true;

@@ -14,13 +14,12 @@ The kernels:
   router_scores_kernel   one warp per token. E dot products of length C (lanes over channels,
                          warp sums), softmax and log-sum-exp, then k rounds of a warp arg-max for
                          the top-k and the combine weights.
-  priority_rank_kernel   only for a capacity with score priority, and for expert choice: one
-                         thread per candidate counts the candidates of its expert ahead of it in
-                         priority order. O(N) per candidate: fine for these ablations.
-  route_layout_kernel    one block for the layer. Per expert, block-wide scans over the choices:
-                         in priority order (a choice is kept when fewer than cap choices of its
-                         expert come before it) and in token order (its row). Then each token's
-                         rows and the auxiliary losses, summed in a fixed order.
+  route_select_kernel    a block per expert: which of its candidates it keeps, slot by slot (the
+                         capacity rule; by score, a radix select of the cut key in four 8-bit
+                         passes, ties in token order), then their rows within the expert, by a
+                         block-wide scan in token order. O(N k / 1024) per thread and pass.
+  route_rows_kernel      one block for the layer: the expert offsets, every row's token and
+                         weight, each token's rows (a scan over the tokens), the auxiliary losses.
   router_backward_kernel one warp per token: dw -> dp -> dz, and dh += dz . Wr.
   router_weight_grad_*   dWr as partial sums over chunks of tokens, then the chunks in order.
 Every sum has a fixed order: two runs give the same bits.
@@ -28,13 +27,14 @@ Every sum has a fixed order: two runs give the same bits.
 #pragma once
 
 #include <algorithm>
+#include <climits>
 #include <cstring>
 #include <vector>
 
 #include "common.cuh"
 #include "../common/model_config.h"
 
-#define ROUTE_THREADS 1024      // the one block of route_layout_kernel
+#define ROUTE_THREADS 1024      // the blocks of route_select_kernel and route_rows_kernel
 #define ROUTER_TOKEN_CHUNK 128  // tokens per partial sum of dWr
 
 // One MoE layer's routing of one micro-batch, on the device. Rows are the kept (token, expert)
@@ -49,7 +49,6 @@ struct DeviceRouting {
     int* choice_expert;        // (N*k) token choice: token t's j-th expert, by decreasing logit
     float* choice_weight;      // (N*k) its combine weight
     int* choice_row;           // (N*k) its row, or -1 where capacity dropped it
-    int* rank;                 // (N*max(k,E)) candidates ahead in priority order (score priority, expert choice)
     int* pair_row;             // (N*E) expert choice: the row of (token, expert), or -1
     // the rows
     int* tokens_per_expert;    // (E) kept rows of each expert
@@ -60,6 +59,7 @@ struct DeviceRouting {
     int* token_rows;           // (max_rows)
     // this forward's counts and losses
     int* assignments;          // (E) choices of each expert before dropping
+    double* prob_sums;         // (E) sum over the tokens of p[t][e], for the balance loss
     int* counts;               // (2) assignments in all, dropped ones
     int* num_dropped;          // counts + 1
     float* balance_loss;       // (1) E * sum_e f_e P_e
@@ -140,38 +140,6 @@ __global__ void router_scores_kernel(float* logits, float* probs, float* lse, in
     }
 }
 
-// rank[i] = candidates of the same expert ahead of candidate i in priority order.
-// Token choice with score priority (candidates i = t*k + j): every choice of an earlier slot, and
-// in the same slot those with a larger p, or an equal p and a lower token.
-// Expert choice (candidates i = t*E + e): tokens with a larger p[.][e], or equal and lower.
-__global__ void priority_rank_kernel(int* rank, const int* choice_expert, const float* probs, int N, int E, int k, int expert_choice) {
-    int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (expert_choice) {
-        if (i >= N * E) { return; }
-        int t = i / E, e = i % E;
-        float p = probs[i];
-        int ahead = 0;
-        for (int u = 0; u < N; u++) {
-            float q = probs[(size_t)u * E + e];
-            ahead += q > p || (q == p && u < t);
-        }
-        rank[i] = ahead;
-        return;
-    }
-    if (i >= N * k) { return; }
-    int t = i / k, j = i % k, e = choice_expert[i];
-    float p = probs[(size_t)t * E + e];
-    int ahead = 0;
-    for (int u = 0; u < N; u++) {
-        for (int jj = 0; jj < j; jj++) { ahead += choice_expert[u * k + jj] == e; }
-        if (choice_expert[u * k + j] == e) {
-            float q = probs[(size_t)u * E + e];
-            ahead += q > p || (q == p && u < t);
-        }
-    }
-    rank[i] = ahead;
-}
-
 // Exclusive prefix sum over the block of one int per thread; *total gets the sum. `shared`
 // holds 33 ints. Every thread must call it.
 __device__ int block_exclusive_scan(int v, int* shared, int* total) {
@@ -210,86 +178,173 @@ __device__ double block_reduce_sum_double(double v, double* shared) {
     return v;
 }
 
-// The whole layout in one block (see the file's comment). Token choice: M = N*k candidates,
-// i = t*k + j; cap < 0 is dropless; rank is read only with score priority. Expert choice:
-// M = N*E candidates, i = t*E + e, a candidate is kept when its rank < cap.
+// The layout's sizes. Token choice: N*k candidates i = t*k + j (token t's j-th choice); cap < 0
+// is dropless. Expert choice: N*E candidates i = t*E + e, and cap tokens per expert.
 struct RouteLayoutArgs {
     int N, E, k, cap, priority, expert_choice;
 };
 
-__global__ void __launch_bounds__(ROUTE_THREADS) route_layout_kernel(DeviceRouting r, RouteLayoutArgs a) {
+// Expert e's candidate of token t in choice slot j, or -1. Expert choice has one slot, in which
+// every token is a candidate of every expert.
+__device__ __forceinline__ int route_candidate(const DeviceRouting& r, const RouteLayoutArgs& a, int t, int j, int e) {
+    if (a.expert_choice) { return t * a.E + e; }
+    int i = t * a.k + j;
+    return r.choice_expert[i] == e ? i : -1;
+}
+
+// The priority of a candidate within its slot (larger first, equal ones in token order): its
+// probability by score (a p >= 0 compares as its bits do), none by order.
+__device__ __forceinline__ bool route_by_score(const RouteLayoutArgs& a) { return a.expert_choice || a.priority == PRIORITY_SCORE; }
+__device__ __forceinline__ unsigned route_key(const DeviceRouting& r, const RouteLayoutArgs& a, int t, int e) {
+    return route_by_score(a) ? __float_as_uint(r.probs[(size_t)t * a.E + e]) : 0u;
+}
+
+// Radix select over the block: the need-th largest key (need >= 1) among expert e's candidates in
+// slot j, the tokens [t0, t1) being this thread's. Returns the key and sets *ties_kept to how
+// many candidates equal to it are kept (need minus those above it). Four passes of 8 bits from
+// the top: a histogram of the candidates that match the digits found so far, then the bin in which
+// the need-th largest falls. The histogram counts integers, so the result does not depend on the
+// order of the atomics.
+__device__ unsigned route_select_key(const DeviceRouting& r, const RouteLayoutArgs& a, int j, int e, int t0, int t1, int need,
+                                     int* ties_kept) {
+    __shared__ int hist[256];
+    __shared__ unsigned found[2];  // the digits found so far, the need left within them
+    unsigned prefix = 0, mask = 0;
+    for (int shift = 24; shift >= 0; shift -= 8) {
+        for (int b = threadIdx.x; b < 256; b += blockDim.x) { hist[b] = 0; }
+        __syncthreads();
+        for (int t = t0; t < t1; t++) {
+            int i = route_candidate(r, a, t, j, e);
+            unsigned key = i >= 0 ? route_key(r, a, t, e) : 0u;
+            if (i >= 0 && (key & mask) == prefix) { atomicAdd(&hist[(key >> shift) & 255], 1); }
+        }
+        __syncthreads();
+        if (threadIdx.x < WARP_SIZE) {
+            // lane l holds the bins 255 - 8l down to 248 - 8l; the lanes before it hold the larger keys
+            int lane = threadIdx.x, top = 255 - 8 * lane, sum = 0;
+            for (int b = top; b > top - 8; b--) { sum += hist[b]; }
+            int above = sum;
+            for (int offset = 1; offset < WARP_SIZE; offset <<= 1) {
+                int u = __shfl_up_sync(0xffffffff, above, offset);
+                if (lane >= offset) { above += u; }
+            }
+            above -= sum;  // the keys in the bins of the earlier lanes
+            if (above < need && above + sum >= need) {  // one lane: the need-th largest is in its bins
+                int b = top, left = need - above;
+                while (hist[b] < left) { left -= hist[b--]; }
+                found[0] = prefix | ((unsigned)b << shift);
+                found[1] = (unsigned)left;
+            }
+        }
+        __syncthreads();
+        prefix = found[0];
+        need = (int)found[1];
+        mask |= 255u << shift;
+        __syncthreads();  // `found` is read by everyone before the next pass may write it
+    }
+    *ties_kept = need;
+    return prefix;
+}
+
+// Step 1 of the layout, a block per expert e: which of e's candidates are kept, and the row of each
+// kept one among e's rows. Slot by slot (all first choices before any second choice), a slot's
+// candidates are all kept while they fit in what is left of the capacity; in the slot where it
+// runs out, the first ones by priority are kept: by order, the first in token order; by score
+// (and for expert choice), those above the cut key found by route_select_key, and of those equal
+// to it the first in token order. Later slots keep nothing. Then the kept candidates in token
+// order get e's rows 0, 1, ... Writes keep[i] = that row or -1 (choice_row for token choice,
+// pair_row for expert choice: the blocks write disjoint candidates), e's counts, and sum_t p[t][e].
+__global__ void __launch_bounds__(ROUTE_THREADS) route_select_kernel(DeviceRouting r, RouteLayoutArgs a) {
     __shared__ int scan_shared[WARP_SIZE + 1];
     __shared__ double sum_shared[WARP_SIZE];
-    int N = a.N, E = a.E, tid = threadIdx.x, threads = blockDim.x;
+    int e = blockIdx.x, N = a.N, threads = blockDim.x;
+    int slots = a.expert_choice ? 1 : a.k;
+    int* keep = a.expert_choice ? r.pair_row : r.choice_row;
+    // this thread's tokens: a contiguous chunk, so that one scan orders them
+    int per = (N + threads - 1) / threads, t0 = min(N, (int)threadIdx.x * per), t1 = min(N, t0 + per);
+
+    int left = a.cap < 0 ? INT_MAX : a.cap;  // rows e may still take
+    int assigned = 0;
+    for (int j = 0; j < slots; j++) {
+        int mine = 0, count;
+        for (int t = t0; t < t1; t++) { mine += route_candidate(r, a, t, j, e) >= 0; }
+        block_exclusive_scan(mine, scan_shared, &count);
+        assigned += count;
+        // all kept while they fit, none once the capacity is spent; in the slot where it runs out,
+        // keys above the cut and the first ties_kept of those equal to it, in token order
+        bool cut_here = count > left && left > 0;
+        unsigned cut = 0;  // by order every key is 0: the first `left` in token order
+        int ties_kept = left, tie = 0;
+        if (cut_here) {
+            if (route_by_score(a)) { cut = route_select_key(r, a, j, e, t0, t1, left, &ties_kept); }
+            int ties = 0, total;
+            for (int t = t0; t < t1; t++) { ties += route_candidate(r, a, t, j, e) >= 0 && route_key(r, a, t, e) == cut; }
+            tie = block_exclusive_scan(ties, scan_shared, &total);  // equal keys of the tokens before this thread's
+        }
+        for (int t = t0; t < t1; t++) {
+            int i = route_candidate(r, a, t, j, e);
+            if (i < 0) { continue; }
+            unsigned key = route_key(r, a, t, e);
+            bool kept = count <= left || (cut_here && (key > cut || (key == cut && tie++ < ties_kept)));
+            keep[i] = kept ? 0 : -1;
+        }
+        left = max(0, left - count);
+    }
+    __syncthreads();  // this block's keep[] is written
+
+    // e's rows, in token order; and P_e's sum, over the chunks in thread order
+    int kept = 0, rows;
+    double P = 0.0;
+    for (int t = t0; t < t1; t++) {
+        for (int j = 0; j < slots; j++) {
+            int i = route_candidate(r, a, t, j, e);
+            kept += i >= 0 && keep[i] == 0;
+        }
+        P += r.probs[(size_t)t * a.E + e];
+    }
+    int row = block_exclusive_scan(kept, scan_shared, &rows);
+    for (int t = t0; t < t1; t++) {
+        for (int j = 0; j < slots; j++) {
+            int i = route_candidate(r, a, t, j, e);
+            if (i >= 0 && keep[i] == 0) { keep[i] = row++; }
+        }
+    }
+    P = block_reduce_sum_double(P, sum_shared);
+    if (threadIdx.x == 0) {
+        r.tokens_per_expert[e] = rows;
+        r.assignments[e] = assigned;
+        r.prob_sums[e] = P;
+    }
+}
+
+// Step 2 of the layout, one block: the expert offsets, each candidate's row (expert offset plus
+// its row within the expert), the rows' tokens and weights, each token's rows in combine order
+// (choice order, or expert order), and the auxiliary losses, every sum in a fixed order.
+__global__ void __launch_bounds__(ROUTE_THREADS) route_rows_kernel(DeviceRouting r, RouteLayoutArgs a) {
+    __shared__ int scan_shared[WARP_SIZE + 1];
+    __shared__ double sum_shared[WARP_SIZE];
+    int N = a.N, E = a.E, threads = blockDim.x;
     bool ec = a.expert_choice;
     int per_token = ec ? E : a.k;  // candidates per token
     int M = N * per_token;
-    // this thread's contiguous chunks: of candidates (token-major) and of tokens
-    int per = (M + threads - 1) / threads, c0 = min(M, tid * per), c1 = min(M, c0 + per);
-    int tper = (N + threads - 1) / threads, t0 = min(N, tid * tper), t1 = min(N, t0 + tper);
-
-    // 1. which candidates are kept: choice_row (token choice) or pair_row (expert choice) = 0 if kept, -1 if not
     int* keep = ec ? r.pair_row : r.choice_row;
-    for (int i = c0; i < c1; i++) {
-        bool kept = ec || a.priority == PRIORITY_SCORE ? (a.cap < 0 || r.rank[i] < a.cap) : true;
-        keep[i] = kept ? 0 : -1;
-    }
-    __syncthreads();
-    if (!ec && a.cap >= 0 && a.priority == PRIORITY_ORDER) {
-        // order priority: slot-major order q = j*N + t; per expert, a choice is kept when fewer
-        // than cap choices of its expert come before it. Chunks of q this time.
+    if (threadIdx.x == 0) {
+        int offset = 0;
+        double balance = 0.0;
         for (int e = 0; e < E; e++) {
-            int count = 0, total;
-            for (int q = c0; q < c1; q++) { count += r.choice_expert[(q % N) * a.k + q / N] == e; }
-            int before = block_exclusive_scan(count, scan_shared, &total);
-            for (int q = c0; q < c1; q++) {
-                int i = (q % N) * a.k + q / N;
-                if (r.choice_expert[i] == e) { keep[i] = before++ < a.cap ? 0 : -1; }
-            }
-        }
-    }
-    __syncthreads();
-
-    // 2. per expert: its rows in token order, the counts, and P_e for the balance loss
-    int offset = 0;
-    double balance = 0.0;
-    for (int e = 0; e < E; e++) {
-        int kept = 0, all = 0, total_kept, total_all;
-        for (int i = c0; i < c1; i++) {
-            bool mine = ec ? i % E == e : r.choice_expert[i] == e;
-            all += mine;
-            kept += mine && keep[i] == 0;
-        }
-        int row = offset + block_exclusive_scan(kept, scan_shared, &total_kept);
-        block_exclusive_scan(all, scan_shared, &total_all);
-        for (int i = c0; i < c1; i++) {
-            bool mine = ec ? i % E == e : r.choice_expert[i] == e;
-            if (!mine || keep[i] != 0) { continue; }
-            int t = i / per_token;
-            keep[i] = row;
-            r.row_token[row] = t;
-            r.row_weight[row] = ec ? r.probs[(size_t)t * E + e] : r.choice_weight[i];
-            row++;
-        }
-        double P = 0.0;
-        for (int t = t0; t < t1; t++) { P += r.probs[(size_t)t * E + e]; }
-        P = block_reduce_sum_double(P, sum_shared);
-        if (tid == 0) {
             r.expert_offsets[e] = offset;
-            r.tokens_per_expert[e] = total_kept;
-            r.assignments[e] = total_all;
+            offset += r.tokens_per_expert[e];
+            // the assignments fraction f_e of expert choice is cap / (E cap) = 1/E for every expert
+            balance += (double)r.assignments[e] / M * (r.prob_sums[e] / N);
         }
-        balance += (double)total_all / M * (P / N);
-        offset += total_kept;
-    }
-    if (tid == 0) {
         r.expert_offsets[E] = offset;
         r.counts[0] = M;
         r.counts[1] = ec ? 0 : M - offset;
+        *r.balance_loss = (float)(E * balance);
     }
-    __syncthreads();
+    __syncthreads();  // the offsets are visible to the block
 
-    // 3. each token's rows, in combine order (choice order, or expert order)
+    int per = (N + threads - 1) / threads, t0 = min(N, (int)threadIdx.x * per), t1 = min(N, t0 + per);
     int count = 0, total;
     for (int t = t0; t < t1; t++) {
         for (int j = 0; j < per_token; j++) { count += keep[t * per_token + j] >= 0; }
@@ -298,21 +353,22 @@ __global__ void __launch_bounds__(ROUTE_THREADS) route_layout_kernel(DeviceRouti
     for (int t = t0; t < t1; t++) {
         r.token_row_offsets[t] = at;
         for (int j = 0; j < per_token; j++) {
-            int row = keep[t * per_token + j];
-            if (row >= 0) { r.token_rows[at++] = row; }
+            int i = t * per_token + j;
+            if (keep[i] < 0) { continue; }
+            int e = ec ? j : r.choice_expert[i];
+            int row = r.expert_offsets[e] + keep[i];
+            keep[i] = row;
+            r.row_token[row] = t;
+            r.row_weight[row] = ec ? r.probs[(size_t)t * E + e] : r.choice_weight[i];
+            r.token_rows[at++] = row;
         }
     }
-    if (tid == 0) { r.token_row_offsets[N] = total; }
+    if (threadIdx.x == 0) { r.token_row_offsets[N] = total; }
 
-    // 4. the auxiliary losses
     double z2 = 0.0;
     for (int t = t0; t < t1; t++) { z2 += (double)r.lse[t] * r.lse[t]; }
     z2 = block_reduce_sum_double(z2, sum_shared);
-    if (tid == 0) {
-        // the assignments fraction f_e of expert choice is cap / (E cap) = 1/E for every expert
-        *r.balance_loss = (float)(E * balance);
-        *r.z_loss = (float)(z2 / N);
-    }
+    if (threadIdx.x == 0) { *r.z_loss = (float)(z2 / N); }
 }
 
 // One warp per token: the combine-weight gradients dw, dp (renorm or not), the balance term,
@@ -435,7 +491,6 @@ static void routing_alloc(DeviceRouting* r, int N, int E, int k, int max_rows, i
     r->choice_expert = cuda_malloc<int>(Nk);
     r->choice_weight = cuda_malloc<float>(Nk);
     r->choice_row = cuda_malloc<int>(Nk);
-    r->rank = cuda_malloc<int>(std::max(Nk, NE));
     r->pair_row = cuda_malloc<int>(NE);
     r->tokens_per_expert = cuda_malloc<int>(E);
     r->expert_offsets = cuda_malloc<int>(E + 1);
@@ -444,6 +499,7 @@ static void routing_alloc(DeviceRouting* r, int N, int E, int k, int max_rows, i
     r->token_row_offsets = cuda_malloc<int>(N + 1);
     r->token_rows = cuda_malloc<int>(std::max(max_rows, 1));
     r->assignments = cuda_malloc<int>(E);
+    r->prob_sums = cuda_malloc<double>(E);
     r->counts = cuda_malloc<int>(2);
     r->num_dropped = r->counts + 1;
     float* losses = cuda_malloc<float>(2);
@@ -461,9 +517,9 @@ static void routing_alloc(DeviceRouting* r, int N, int E, int k, int max_rows, i
 }
 
 static void routing_free(DeviceRouting* r) {
-    void* ps[] = {r->logits, r->probs, r->lse, r->choice_expert, r->choice_weight, r->choice_row, r->rank, r->pair_row,
+    void* ps[] = {r->logits, r->probs, r->lse, r->choice_expert, r->choice_weight, r->choice_row, r->pair_row,
                   r->tokens_per_expert, r->expert_offsets, r->row_token, r->row_weight, r->token_row_offsets, r->token_rows,
-                  r->assignments, r->counts, r->balance_loss, r->drow_weight, r->dlogits, r->drouterw_partial, r->stats};
+                  r->assignments, r->prob_sums, r->counts, r->balance_loss, r->drow_weight, r->dlogits, r->drouterw_partial, r->stats};
     for (void* p : ps) { cudaCheck(cudaFree(p)); }
     memset(r, 0, sizeof(*r));
 }
@@ -483,12 +539,9 @@ static void router_forward(DeviceRouting* r, const floatX* h, const float* route
         r->logits, r->probs, r->lse, r->choice_expert, r->choice_weight, h, routerw, n, C, E, k, cfg->renorm);
     cudaCheckLaunch();
     RouteLayoutArgs a = {n, E, k, ec ? expert_choice_capacity(cfg, n) : token_choice_capacity(cfg, n), cfg->capacity_priority, ec};
-    if (ec || (a.cap >= 0 && a.priority == PRIORITY_SCORE)) {
-        int candidates = n * (ec ? E : k);
-        priority_rank_kernel<<<ceil_div_int(candidates, 256), 256, 0, stream>>>(r->rank, r->choice_expert, r->probs, n, E, k, ec);
-        cudaCheckLaunch();
-    }
-    route_layout_kernel<<<1, ROUTE_THREADS, 0, stream>>>(*r, a);
+    route_select_kernel<<<E, ROUTE_THREADS, 0, stream>>>(*r, a);
+    cudaCheckLaunch();
+    route_rows_kernel<<<1, ROUTE_THREADS, 0, stream>>>(*r, a);
     cudaCheckLaunch();
 }
 

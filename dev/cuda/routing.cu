@@ -8,9 +8,10 @@ kernels/permute.cuh), checked against the CPU twin and timed against the experts
 
 One version of each kernel (the engine's), the study's subject being what the routing costs:
   router_forward   router_scores_kernel (a warp per token: E dot products, softmax, top-k,
-                   combine weights), priority_rank_kernel (score priority and expert choice
-                   only: O(N) per candidate), route_layout_kernel (one block: per-expert scans
-                   for capacity and rows, each token's rows, the auxiliary losses);
+                   combine weights), route_select_kernel (a block per expert: the capacity
+                   rule, by score a radix select of the cut, the expert's rows by a scan in
+                   token order), route_rows_kernel (one block: offsets, each token's rows, the
+                   auxiliary losses);
   permute_tokens   a warp per row gathers its token's h row;
   unpermute_tokens a warp per token sums its rows times their combine weights, in combine order;
   and in the backward unpermute_tokens_backward, permute_tokens_backward and router_backward.
@@ -19,7 +20,8 @@ timing prints them, per MoE layer and forward plus backward, beside the same lay
 GEMMs (kernels/expert_mlp.cuh), which are about two thirds of an MoE layer's FLOPs.
 
 Checks per routing mode (dropless top-2, renormalised or not; a capacity with order and with
-score priority; expert choice), on inputs whose logits have no near-ties: the row layout
+score priority; expert choice), on inputs whose logits have no near-ties, and on inputs made of
+a few distinct tokens repeated, whose exact ties the capacity cuts through: the row layout
 (expert_offsets, the token of every row, each token's rows) equal to the twin's, the combine
 weights of the rows, the permuted rows (an exact copy) and the un-permuted output.
 Tolerances: combine weights 1e-5 (fp32 softmax on both sides, dot products summed in another
@@ -63,11 +65,15 @@ static std::vector<T> device_ints(const T* d, size_t n) {
 
 static bool same_ints(const int* a, const int* b, size_t n) { return n == 0 || memcmp(a, b, n * sizeof(int)) == 0; }
 
-static void validate_mode(const Mode& m, int N, int C) {
+// distinct > 0: token t's h is row t % distinct, so tokens tie exactly (equal inputs give equal
+// scores in either engine) and a capacity cuts through groups of equal scores: the tie rule
+// (lower token first) decides who is kept.
+static void validate_mode(const Mode& m, int N, int C, int distinct = 0) {
     ModelConfig cfg = routing_config(m, C);
     int E = m.E, k = m.k, rows_max = max_routing_rows(&cfg, N);
     // the router weights spread the logits by ~1 between experts: no near-ties among N tokens
     std::vector<float> h = round_to_floatX(random_vector((size_t)N * C, 11 + E));
+    for (int t = distinct; distinct > 0 && t < N; t++) { memcpy(&h[(size_t)t * C], &h[(size_t)(t % distinct) * C], C * sizeof(float)); }
     std::vector<float> routerw = random_vector((size_t)E * C, 12 + E, 0.2f);
     std::vector<float> expert_output = round_to_floatX(random_vector((size_t)rows_max * C, 13 + E));
 
@@ -109,7 +115,7 @@ static void validate_mode(const Mode& m, int N, int C) {
     cudaCheck(cudaDeviceSynchronize());
 
     char shape[160], name[256];
-    snprintf(shape, sizeof(shape), "%s N=%d C=%d E=%d k=%d", m.name, N, C, E, k);
+    snprintf(shape, sizeof(shape), "%s N=%d C=%d E=%d k=%d%s", m.name, N, C, E, k, distinct > 0 ? " tied tokens" : "");
     std::vector<int> offsets = device_ints(dr.expert_offsets, E + 1);
     bool layout = same_ints(offsets.data(), expert_offsets.data(), E + 1);
     int gpu_rows = offsets[E];
@@ -209,7 +215,11 @@ int main(int argc, char** argv) {
         {"top-2 capacity 0.75, score priority", 8, 2, 1, ROUTER_TOPK, 0.75f, PRIORITY_SCORE},
         {"expert choice, capacity 2", 4, 2, 1, ROUTER_EXPERT, 2.0f, PRIORITY_ORDER},
     };
-    for (const Mode& m : modes) { validate_mode(m, 200, 48); }
+    for (const Mode& m : modes) {
+        validate_mode(m, 200, 48);
+        validate_mode(m, 200, 48, 7);     // 7 distinct tokens
+        validate_mode(m, 2500, 16, 300);  // several tokens per thread of the layout's blocks
+    }
     if (!quick) {
         for (const Mode& m : modes) { validate_mode(m, 4096, 768); }
         benchmark();

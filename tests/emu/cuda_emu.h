@@ -16,12 +16,13 @@ What is emulated, faithfully enough for the kernels' logic:
   - cuBLASLt's matmul (the calls kernels/matmul.cuh makes: column-major layouts, transposes,
     leading dimensions, beta, the bias epilogue, fp32 or bf16 operands) in plain loops;
   - bf16 is a 16-bit type with round-to-nearest-even conversions, as __float2bfloat16.
+  - integer atomicAdd (a thread switches only at a barrier or a shuffle, so it is atomic).
   - the inline PTX of kernels/mma.cuh: mma.sync m16n8k16 bf16 (a warp-wide exchange of the
     fragments, fp32 sums in k order), ldmatrix x4 and .trans (each lane reads the rows whose
     addresses the others give), cp.async (the copies are queued per thread and done only at
     cp.async.wait_group, so a tile read before its wait is still NaN); shared addresses are
     offsets into the block's dynamic shared memory, checked for bounds and 16-byte alignment.
-What is not: timing, the memory model between warps without a barrier, races, atomics; a kernel
+What is not: timing, the memory model between warps without a barrier, races, float atomics; a kernel
 that relies on lockstep execution within a warp without a __syncwarp is not caught. It checks
 what the kernels compute, not how fast.
 */
@@ -95,6 +96,9 @@ static inline unsigned max(unsigned a, unsigned b) { return a > b ? a : b; }
 static inline size_t min(size_t a, size_t b) { return a < b ? a : b; }
 static inline size_t max(size_t a, size_t b) { return a > b ? a : b; }
 static inline float rsqrtf(float x) { return 1.0f / sqrtf(x); }
+static inline unsigned __float_as_uint(float f) { unsigned u; memcpy(&u, &f, sizeof(u)); return u; }
+// a thread runs until its next barrier or shuffle, so a read-modify-write is atomic here
+static inline int atomicAdd(int* p, int v) { int old = *p; *p = old + v; return old; }
 
 // ----------------------------------------------------------------------------
 // the thread scheduler
