@@ -70,6 +70,10 @@ struct DeviceRouting {
     float* drouterw_partial;   // (ceil(N / ROUTER_TOKEN_CHUNK), E, C)
     // accumulated between two reports: assignments (E), total, dropped, entropy sum, tokens
     double* stats;             // (E + 4)
+    // the tests' teacher forcing (NULL in training): decisions taken as given instead of made,
+    // so that a test can compare the kernels' arithmetic with a reference's at equal decisions
+    const int* forced_choice_expert;  // (N*k) token choice: token t's j-th expert
+    const int* forced_keep;           // (N*k), expert choice (N*E): 1 where the candidate is kept
 };
 
 // ----------------------------------------------------------------------------
@@ -88,7 +92,7 @@ __device__ __forceinline__ void warp_argmax(float* value, int* index) {
 // One warp per token: logits, softmax, lse and, for token choice (k > 0), the top-k and weights.
 // Shared memory: per warp, E floats (the logits) and E ints (taken flags).
 __global__ void router_scores_kernel(float* logits, float* probs, float* lse, int* choice_expert, float* choice_weight, const floatX* h,
-                                     const float* routerw, int N, int C, int E, int k, int renorm) {
+                                     const float* routerw, const int* forced_choice, int N, int C, int E, int k, int renorm) {
     extern __shared__ float smem[];
     int warps = blockDim.x / WARP_SIZE, warp = threadIdx.x / WARP_SIZE, lane = threadIdx.x % WARP_SIZE;
     float* z = smem + warp * E;
@@ -127,6 +131,7 @@ __global__ void router_scores_kernel(float* logits, float* probs, float* lse, in
             if (!taken[e] && (best_e < 0 || z[e] > best)) { best = z[e]; best_e = e; }
         }
         warp_argmax(&best, &best_e);
+        if (forced_choice) { best_e = forced_choice[(size_t)t * k + j]; }  // the tests' teacher forcing
         if (lane == 0) {
             taken[best_e] = 1;
             choice_expert[(size_t)t * k + j] = best_e;
@@ -270,6 +275,13 @@ __global__ void __launch_bounds__(ROUTE_THREADS) route_select_kernel(DeviceRouti
         for (int t = t0; t < t1; t++) { mine += route_candidate(r, a, t, j, e) >= 0; }
         block_exclusive_scan(mine, scan_shared, &count);
         assigned += count;
+        if (r.forced_keep) {  // the tests' teacher forcing
+            for (int t = t0; t < t1; t++) {
+                int i = route_candidate(r, a, t, j, e);
+                if (i >= 0) { keep[i] = r.forced_keep[i] ? 0 : -1; }
+            }
+            continue;
+        }
         // all kept while they fit, none once the capacity is spent; in the slot where it runs out,
         // keys above the cut and the first ties_kept of those equal to it, in token order
         bool cut_here = count > left && left > 0;
@@ -536,7 +548,7 @@ static void router_forward(DeviceRouting* r, const floatX* h, const float* route
     r->n = n;
     int warps = router_warps_per_block(E);
     router_scores_kernel<<<ceil_div_int(n, warps), warps * WARP_SIZE, router_shared_bytes(E), stream>>>(
-        r->logits, r->probs, r->lse, r->choice_expert, r->choice_weight, h, routerw, n, C, E, k, cfg->renorm);
+        r->logits, r->probs, r->lse, r->choice_expert, r->choice_weight, h, routerw, r->forced_choice_expert, n, C, E, k, cfg->renorm);
     cudaCheckLaunch();
     RouteLayoutArgs a = {n, E, k, ec ? expert_choice_capacity(cfg, n) : token_choice_capacity(cfg, n), cfg->capacity_priority, ec};
     route_select_kernel<<<E, ROUTE_THREADS, 0, stream>>>(*r, a);
