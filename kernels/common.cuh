@@ -42,10 +42,19 @@ static inline void cublas_check_(cublasStatus_t status, const char* file, int li
 // after a launch: the launch's own error (bad configuration), not the kernel's completion
 #define cudaCheckLaunch() cudaCheck(cudaGetLastError())
 
+// count elements of device memory; running out says how much was asked and how much is free
 template <typename T>
 static inline T* cuda_malloc(size_t count) {
     T* p = NULL;
-    if (count > 0) { cudaCheck(cudaMalloc(&p, count * sizeof(T))); }
+    if (count == 0) { return p; }
+    cudaError_t err = cudaMalloc(&p, count * sizeof(T));
+    if (err == cudaErrorMemoryAllocation) {
+        size_t free_bytes = 0, total_bytes = 0;
+        cudaMemGetInfo(&free_bytes, &total_bytes);
+        die("out of GPU memory: %.1f MiB asked, %.1f of %.1f MiB free; a smaller batch (-b) or sequence (-t) needs less",
+            count * sizeof(T) / 1048576.0, free_bytes / 1048576.0, total_bytes / 1048576.0);
+    }
+    cudaCheck(err);
     return p;
 }
 

@@ -15,8 +15,9 @@ Each comes in two versions, studied in dev/cuda/expert_mlp.cu:
         from operands staged in shared memory; any shape, fp32 or bf16 (the FP32 build);
   mma   version 2: tensor cores (kernels/mma.cuh), 128 x 128 output tiles, 8 warps of 64 x 32,
         32-deep stages double-buffered by cp.async, fragments by ldmatrix (.trans where k runs
-        down a tile's columns: W_e (K x N) and both operands of weights_gemm); bf16 builds, C and
-        H multiples of 8, 16-byte aligned tensors.
+        down a tile's columns: W_e (K x N) and both operands of weights_gemm); the epilogue
+        writes a thread's two adjacent output columns with one store (bf16x2, or float2 for the
+        weight gradients); bf16 builds, C and H multiples of 8, 16-byte aligned tensors.
 expert_mlp_forward and expert_mlp_backward take the mma version whenever it applies.
 */
 #pragma once
@@ -266,15 +267,18 @@ __global__ void __launch_bounds__(XM_WARPS * WARP_SIZE)
             if (row >= end) { continue; }
             #pragma unroll
             for (int ni = 0; ni < 4; ni++) {
-                #pragma unroll
-                for (int j = 0; j < 2; j++) {
-                    int n = n0 + (warp % 4) * 32 + ni * 8 + 2 * c + j;
-                    if (n >= N) { continue; }
-                    float v = acc[mi][ni][half * 2 + j] + (bias ? to_float(bias[(size_t)e * N + n]) : 0.0f);
-                    floatX stored = from_float<floatX>(v);
-                    out[(size_t)row * N + n] = stored;
-                    if (gelu_out) { gelu_out[(size_t)row * N + n] = from_float<floatX>(gelu_tanh(to_float(stored))); }
+                // the thread's two adjacent columns n, n + 1 (n even, N a multiple of 8): one 4-byte store
+                int n = n0 + (warp % 4) * 32 + ni * 8 + 2 * c;
+                if (n >= N) { continue; }
+                float v0 = acc[mi][ni][half * 2], v1 = acc[mi][ni][half * 2 + 1];
+                if (bias) {
+                    v0 += to_float(bias[(size_t)e * N + n]);
+                    v1 += to_float(bias[(size_t)e * N + n + 1]);
                 }
+                float s0 = to_float(from_float<floatX>(v0)), s1 = to_float(from_float<floatX>(v1));  // as stored
+                size_t at = (size_t)row * N + n;
+                *reinterpret_cast<uint32_t*>(out + at) = pack_bf16x2(s0, s1);
+                if (gelu_out) { *reinterpret_cast<uint32_t*>(gelu_out + at) = pack_bf16x2(gelu_tanh(s0), gelu_tanh(s1)); }
             }
         }
     }
@@ -301,11 +305,14 @@ __global__ void __launch_bounds__(XM_WARPS * WARP_SIZE)
             if (m >= M) { continue; }
             #pragma unroll
             for (int ni = 0; ni < 4; ni++) {
-                #pragma unroll
-                for (int j = 0; j < 2; j++) {
-                    int n = n0 + (warp % 4) * 32 + ni * 8 + 2 * c + j;
-                    if (n < N) { dWe[(size_t)m * N + n] += acc[mi][ni][half * 2 + j]; }
-                }
+                // columns n, n + 1 (n even, N a multiple of 8): one 8-byte read-modify-write
+                int n = n0 + (warp % 4) * 32 + ni * 8 + 2 * c;
+                if (n >= N) { continue; }
+                float2* at = reinterpret_cast<float2*>(dWe + (size_t)m * N + n);
+                float2 w = *at;
+                w.x += acc[mi][ni][half * 2];
+                w.y += acc[mi][ni][half * 2 + 1];
+                *at = w;
             }
         }
     }
@@ -340,7 +347,7 @@ static int expert_row_tiles(int max_rows, int E, int tile_rows) { return ceil_di
 static bool aligned16(const void* p) { return (uintptr_t)p % 16 == 0; }
 
 // whether version 2 (tensor cores) takes these shapes and tensors: bf16, C and H multiples of 8
-// (16-byte copies), 16-byte aligned bf16 tensors
+// (16-byte copies), 16-byte aligned tensors (the bf16 operands, and the fp32 weight gradients for their 8-byte updates)
 static bool expert_mma_applies(int C, int H, std::initializer_list<const void*> tensors) {
 #if defined(ENABLE_FP32)
     (void)C; (void)H; (void)tensors;
@@ -421,7 +428,7 @@ static void expert_mlp_backward(floatX* dinp, float* dfcw, float* dfcb, float* d
                                 int max_rows, const floatX* fcw, const floatX* fcprojw, int E, int C, int H, cudaStream_t stream,
                                 int version = 0) {
     if (max_rows == 0) { return; }
-    version = expert_mlp_pick_version(version, C, H, {dinp, dfch, dfch_gelu, dout, inp, fch, fch_gelu, fcw, fcprojw});
+    version = expert_mlp_pick_version(version, C, H, {dinp, dfcw, dfcprojw, dfch, dfch_gelu, dout, inp, fch, fch_gelu, fcw, fcprojw});
     // fcproj: d fch_gelu = dout . fcprojw_e (C x H, so W_e(k=c, n=h) = fcprojw[e][c][h]); dW = dout^T fch_gelu; db = sums of dout
     rows_gemm(version, dfch_gelu, NULL, dout, fcprojw, false, NULL, expert_offsets, max_rows, E, H, C, stream);
     weights_gemm(version, dfcprojw, dout, fch_gelu, expert_offsets, E, C, H, stream);

@@ -16,14 +16,14 @@ for precision in BF16 FP32; do
     dir=$STATES/cuda_$precision
     mkdir -p "$dir"
     t0=$SECONDS
-    if make -s -j2 train_moe test_moe PRECISION=$precision GPU_ARCHS="80 90" BUILD="$dir" > "$dir/build.log" 2>&1; then
+    if make -s -j"$(nproc)" train_moe test_moe PRECISION=$precision GPU_ARCHS="80 90" BUILD="$dir" > "$dir/build.log" 2>&1; then
         echo "PASS cuda_build[$precision]: train_moe and test_moe for sm_80 and sm_90 in $((SECONDS - t0)) s"
     else
         grep -E "error|warning" "$dir/build.log" | head -n 20
         echo "FAIL cuda_build[$precision]: see the errors above"
     fi
     t0=$SECONDS
-    if make -s -j2 -C dev/cuda PRECISION=$precision GPU_ARCH=90 BIN="$dir/dev_cuda" > "$dir/dev_cuda_build.log" 2>&1; then
+    if make -s -j"$(nproc)" -C dev/cuda PRECISION=$precision GPU_ARCH=90 BIN="$dir/dev_cuda" > "$dir/dev_cuda_build.log" 2>&1; then
         echo "PASS dev_cuda_build[$precision]: every kernel study of dev/cuda for sm_90 in $((SECONDS - t0)) s"
     else
         grep -E "error|warning" "$dir/dev_cuda_build.log" | head -n 20

@@ -57,6 +57,7 @@ struct dim3 {
 };
 static dim3 threadIdx, blockIdx, blockDim, gridDim;
 struct alignas(16) int4 { int x, y, z, w; };
+struct alignas(8) float2 { float x, y; };
 static inline int4 make_int4(int x, int y, int z, int w) { return {x, y, z, w}; }
 
 // ----------------------------------------------------------------------------
@@ -558,6 +559,7 @@ template <typename T> static inline T __shfl_down_sync(unsigned mask, T v, unsig
 
 typedef int cudaError_t;
 static const cudaError_t cudaSuccess = 0;
+static const cudaError_t cudaErrorMemoryAllocation = 2;
 typedef struct emu_stream* cudaStream_t;
 typedef struct emu_event* cudaEvent_t;
 enum cudaMemcpyKind { cudaMemcpyHostToDevice, cudaMemcpyDeviceToHost, cudaMemcpyDeviceToDevice, cudaMemcpyHostToHost, cudaMemcpyDefault };
