@@ -217,7 +217,7 @@ __device__ unsigned route_select_key(const DeviceRouting& r, const RouteLayoutAr
     unsigned prefix = 0, mask = 0;
     for (int shift = 24; shift >= 0; shift -= 8) {
         for (int b = threadIdx.x; b < 256; b += blockDim.x) { hist[b] = 0; }
-        __syncthreads();
+        __syncthreads();  // hist is zero; and every thread has read the last pass's `found`
         for (int t = t0; t < t1; t++) {
             int i = route_candidate(r, a, t, j, e);
             unsigned key = i >= 0 ? route_key(r, a, t, e) : 0u;
@@ -245,7 +245,6 @@ __device__ unsigned route_select_key(const DeviceRouting& r, const RouteLayoutAr
         prefix = found[0];
         need = (int)found[1];
         mask |= 255u << shift;
-        __syncthreads();  // `found` is read by everyone before the next pass may write it
     }
     *ties_kept = need;
     return prefix;

@@ -22,9 +22,17 @@ What is emulated, faithfully enough for the kernels' logic:
     addresses the others give), cp.async (the copies are queued per thread and done only at
     cp.async.wait_group, so a tile read before its wait is still NaN); shared addresses are
     offsets into the block's dynamic shared memory, checked for bounds and 16-byte alignment.
-What is not: timing, the memory model between warps without a barrier, races, float atomics; a kernel
-that relies on lockstep execution within a warp without a __syncwarp is not caught. It checks
-what the kernels compute, not how fast.
+  - races, by running everything in two orders: a thread runs alone until its next barrier or
+    shuffle, the threads of a block in turn from thread 0 and the blocks from block 0, or, with
+    EMU_ORDER=reverse, from the last thread and the last block. Two accesses to one word by
+    different threads with no barrier between them, at least one a write (a missing
+    __syncthreads or __syncwarp, a kernel that relies on lockstep execution within a warp, a
+    block that reads what another block of the launch writes), happen in one order in one run
+    and in the other order in the other, so a race that changes the result fails a check in one
+    of the two runs (tests/emu/run.sh runs both).
+What is not: timing, the memory model between warps without a barrier (every write is seen at
+once), float atomics, races whose two outcomes happen to be equal. It checks what the kernels
+compute, not how fast.
 */
 #pragma once
 
@@ -185,17 +193,35 @@ struct Block {
 };
 static Block B;
 
+// The order threads and blocks run in. A thread runs alone from one barrier (or shuffle) to the
+// next, so the threads of a block run in turn between barriers, and the blocks of a grid one
+// after another. EMU_ORDER=reverse runs them last first: the blocks from the last, and between
+// barriers the threads from the highest index down. A race (a word of shared or global memory
+// written by one thread and read or written by another with no barrier between them, or a
+// block reading what another block of the same launch writes) then gives a different result in
+// one of the two orders; tests/emu/run.sh runs the tests in both.
+static bool reverse_order() {
+    static const int reverse = [] {
+        const char* order = getenv("EMU_ORDER");
+        if (order == NULL || strcmp(order, "forward") == 0) { return 0; }
+        if (strcmp(order, "reverse") == 0) { return 1; }
+        fail("EMU_ORDER must be forward or reverse");
+    }();
+    return reverse;
+}
+
 static Thread& me() { return B.threads[B.current]; }
 
 static bool runnable(const Thread& t);
 
-// The next thread to run after the current one stops at a barrier or ends: the first runnable
-// one after it, round robin; the scheduler when every thread has ended. A live thread that
+// Runs the first runnable thread from `first` on (downwards in reverse order), round robin,
+// which may be the current one; the scheduler when every thread has ended. A live thread that
 // cannot run while none can is a barrier that some threads never reach.
-static void switch_to_next() {
+static void switch_from(int first) {
     int n = (int)B.threads.size(), from = B.current;
-    for (int step = 1; step <= n; step++) {
-        int i = (from + step) % n;
+    int direction = reverse_order() ? n - 1 : 1;  // + (n - 1) is - 1 modulo n
+    for (int step = 0; step < n; step++) {
+        int i = (int)((first + (long)step * direction) % n);
         Thread& t = B.threads[i];
         if (!runnable(t)) { continue; }
         t.wait = RUNNING;
@@ -219,12 +245,27 @@ static void switch_to_next() {
 #endif
 }
 
+// The current thread stops at a barrier or ends: the next one in order runs.
+static void switch_to_next() {
+    int n = (int)B.threads.size();
+    switch_from(reverse_order() ? (B.current + n - 1) % n : (B.current + 1) % n);
+}
+
+// The current thread completed a barrier: the threads it releases, itself included, start again
+// from the group's first one (its last one in reverse order), so that between two barriers they
+// always run in ascending (descending) order, whichever arrived last.
+static void restart_group(int lowest, int highest) {
+    switch_from(reverse_order() ? highest : lowest);
+}
+
 static void warp_barrier() {
     Thread& t = me();
     unsigned g = B.warp_generation[t.warp];
     if (++B.warp_arrived[t.warp] == B.warp_live[t.warp]) {
         B.warp_arrived[t.warp] = 0;
         B.warp_generation[t.warp]++;
+        int lowest = t.warp * 32, highest = std::min(lowest + 31, (int)B.threads.size() - 1);
+        restart_group(lowest, highest);
         return;
     }
     t.wait = AT_WARP_BARRIER;
@@ -238,6 +279,7 @@ static void block_barrier() {
     if (++B.block_arrived == B.block_live) {
         B.block_arrived = 0;
         B.block_generation++;
+        restart_group(0, (int)B.threads.size() - 1);
         return;
     }
     t.wait = AT_BLOCK_BARRIER;
@@ -320,18 +362,20 @@ static void run_block(unsigned bx, unsigned by, unsigned bz, size_t shared_bytes
         B.warp_live[t.warp]++;
         make_context(t, B.stacks + (size_t)i * STACK_BYTES);
     }
-    // thread 0 starts; from then on the threads hand over to each other (switch_to_next) and the
-    // last one to end comes back here
-    B.current = 0;
-    threadIdx = dim3(0, 0, 0);
+    // thread 0 starts (the last one in reverse order); from then on the threads hand over to
+    // each other (switch_to_next) and the last one to end comes back here
+    B.current = reverse_order() ? n - 1 : 0;
+    const Thread& first = B.threads[B.current];
+    threadIdx = dim3(first.x, first.y, first.z);
 #if defined(__x86_64__)
-    emu_switch(&B.scheduler.sp, B.threads[0].context.sp);
+    emu_switch(&B.scheduler.sp, first.context.sp);
 #else
-    swapcontext(&B.scheduler.uc, &B.threads[0].context.uc);
+    swapcontext(&B.scheduler.uc, &B.threads[B.current].context.uc);
 #endif
 }
 
-// Runs body as every thread of every block of the grid, one block after another.
+// Runs body as every thread of every block of the grid, one block after another (from the last
+// in reverse order).
 static void launch(dim3 grid, dim3 block, size_t shared_bytes, const std::function<void()>& body) {
     unsigned long long n = (unsigned long long)block.x * block.y * block.z;
     if (n == 0 || n > 1024 || block.z > 64) { fail("launch: invalid block size"); }
@@ -340,10 +384,10 @@ static void launch(dim3 grid, dim3 block, size_t shared_bytes, const std::functi
     B.body = &body;
     blockDim = block;
     gridDim = grid;
-    for (unsigned bz = 0; bz < grid.z; bz++) {
-        for (unsigned by = 0; by < grid.y; by++) {
-            for (unsigned bx = 0; bx < grid.x; bx++) { run_block(bx, by, bz, shared_bytes); }
-        }
+    unsigned long long blocks = (unsigned long long)grid.x * grid.y * grid.z;
+    for (unsigned long long b = 0; b < blocks; b++) {
+        unsigned long long i = reverse_order() ? blocks - 1 - b : b;
+        run_block(i % grid.x, i / grid.x % grid.y, i / grid.x / grid.y, shared_bytes);
     }
 }
 

@@ -4,10 +4,14 @@
 #   - test_moe, built from the translated sources, against the same PyTorch reference states and
 #     invariants that tests/gpu_tests.sh runs on a GPU;
 #   - every kernel study of dev/cuda with `0 --quick` (all versions, the small shapes, no timing).
+# Everything runs twice: with the threads and blocks in ascending order, then in descending order
+# (EMU_ORDER=reverse, checks prefixed "emu.reverse."), so that a race (a missing __syncthreads or
+# __syncwarp) that changes a result fails in one of the two orders (see tests/emu/cuda_emu.h),
+# and each run's check lines, the errors they print included, must be equal in both orders.
 # Called by tests/run_tests.sh with its temporary folder (NAME.state, NAME.options, dense.bin,
 # shard.bin). Every check is prefixed "emu." so that it is never mistaken for a check on a GPU.
 set -u
-cd "$(dirname "$0")/../.."
+cd "$(dirname "$0")/../.." || exit 1
 STATES=$1
 OUT=$STATES/emu
 mkdir -p "$OUT"
@@ -45,11 +49,11 @@ report_build() {
     echo "FAIL emu.build[$name $precision]: the translated sources did not build"
     return 1
 }
-# run LOG command...: runs it (one OpenMP thread: the jobs already fill the cores) with its
-# output and exit status in LOG and LOG.rc
+# run ORDER LOG command...: runs it with the threads in ORDER (forward or reverse) and one OpenMP
+# thread (the jobs already fill the cores), its output and exit status in LOG and LOG.rc
 run() {
-    local log=$1; shift
-    OMP_NUM_THREADS=1 "$@" > "$log" 2>&1
+    local order=$1 log=$2; shift 2
+    EMU_ORDER=$order OMP_NUM_THREADS=1 "$@" > "$log" 2>&1
     echo $? > "$log.rc"
 }
 # report LOG PREFIX NAME: LOG's check lines, prefixed; a crash without a FAIL line is a FAIL
@@ -64,45 +68,108 @@ report() {
 }
 
 STUDIES=$(for study in "$OUT"/src/dev/cuda/*.cu; do basename "$study" .cu; done)
-rm -f "$OUT"/*_FP32 "$OUT"/*_BF16
+rm -f "$OUT"/*_FP32 "$OUT"/*_BF16 "$OUT"/*.out "$OUT"/*.out.rc "$OUT"/races
+$CXX -x c++ -std=c++17 -O2 -w -include "$PWD/tests/emu/cuda_emu.h" -o "$OUT/races" "$OUT/src/tests/emu/races.cu" > "$OUT/races.build" 2>&1 &
 for precision in FP32 BF16; do
     throttle; build test_moe test_moe.cu $precision &
     for name in $STUDIES; do throttle; build "$name" "dev/cuda/$name.cu" $precision & done
 done
 wait
 
-for precision in FP32 BF16; do
-    bin=$OUT/test_moe_$precision
-    if [ -x "$bin" ]; then
-        for options_file in "$STATES"/*.options; do
-            name=$(basename "$options_file" .options)
-            throttle
-            # shellcheck disable=SC2046
-            run "$OUT/$name.$precision.out" "$bin" reference "$name" "$STATES/$name.state" "$STATES/$name.ref.bin" -- \
-                -m "$STATES/dense.bin" -i "$STATES/shard.bin" $GEOMETRY $(cat "$options_file") &
-        done
-        throttle; run "$OUT/invariants.$precision.out" "$bin" invariants "$STATES/dense.bin" "$STATES/shard.bin" &
+# same FORWARD_LOG REVERSE_LOG NAME: a run's check lines, errors and values printed in them
+# included, must be the same in both orders: the kernels are deterministic whatever order their
+# threads run in, so any difference, even one within the tolerances, is a race
+same() {
+    local forward=$1 reverse=$2 name=$3
+    [ -f "$forward" ] && [ -f "$reverse" ] || return 0
+    local difference
+    difference=$(diff <(grep -E '^(PASS|FAIL|SKIP) ' "$forward") <(grep -E '^(PASS|FAIL|SKIP) ' "$reverse") | grep -E '^[<>]' | head -n 2 | cut -c1-200 | tr '\n' ' ')
+    if [ -z "$difference" ]; then
+        echo "PASS emu.reverse.same[$name]: every check line, with its errors, equal in both orders"
+    else
+        echo "FAIL emu.reverse.same[$name]: the two orders differ (a race): $difference"
     fi
-    for name in $STUDIES; do
-        [ -x "$OUT/${name}_$precision" ] || continue
-        throttle; run "$OUT/dev_cuda_$name.$precision.out" "$OUT/${name}_$precision" 0 --quick &
+}
+
+# races_found: the emulation's own check (tests/emu/races.cu) that the two orders expose races:
+# each racy kernel's outputs differ between the orders, the race-free kernel's are equal
+races_found() {
+    if [ ! -x "$OUT/races" ]; then
+        tail -n 20 "$OUT/races.build"
+        echo "FAIL emu.races: tests/emu/races.cu did not build"
+        return
+    fi
+    EMU_ORDER=forward "$OUT/races" > "$OUT/races.forward" 2>&1
+    EMU_ORDER=reverse "$OUT/races" > "$OUT/races.reverse" 2>&1
+    local kind name forward reverse
+    while IFS=: read -r label forward; do
+        kind=${label%% *}
+        name=${label#* }
+        reverse=$(grep -F "$label:" "$OUT/races.reverse" | cut -d: -f2-)
+        if [ "$kind" = racy ] && [ "$forward" != "$reverse" ]; then
+            echo "PASS emu.races[$name]: the race gives different results in the two orders"
+        elif [ "$kind" = safe ] && [ "$forward" = "$reverse" ] && [ -n "$forward" ]; then
+            echo "PASS emu.races[$name]: without a race, the same results in both orders"
+        else
+            echo "FAIL emu.races[$name]: $kind kernel, forward:$(echo "$forward" | cut -c1-60) reverse:$(echo "$reverse" | cut -c1-60)"
+        fi
+    done < "$OUT/races.forward"
+    [ -s "$OUT/races.forward" ] || echo "FAIL emu.races: no output: $(tail -n 3 "$OUT/races.reverse")"
+}
+
+ORDERS="forward reverse"
+# the log and check prefix of each order's runs
+tag() { [ "$1" = forward ] && echo "" || echo ".$1"; }
+prefix() { [ "$1" = forward ] && echo "emu." || echo "emu.$1."; }
+for order in $ORDERS; do
+    for precision in FP32 BF16; do
+        bin=$OUT/test_moe_$precision
+        t=$(tag "$order")
+        if [ -x "$bin" ]; then
+            for options_file in "$STATES"/*.options; do
+                name=$(basename "$options_file" .options)
+                throttle
+                # shellcheck disable=SC2046,SC2086
+                run "$order" "$OUT/$name.$precision$t.out" "$bin" reference "$name" "$STATES/$name.state" "$STATES/$name.ref.bin" -- \
+                    -m "$STATES/dense.bin" -i "$STATES/shard.bin" $GEOMETRY $(cat "$options_file") &
+            done
+            throttle; run "$order" "$OUT/invariants.$precision$t.out" "$bin" invariants "$STATES/dense.bin" "$STATES/shard.bin" &
+        fi
+        for name in $STUDIES; do
+            [ -x "$OUT/${name}_$precision" ] || continue
+            throttle; run "$order" "$OUT/dev_cuda_$name.$precision$t.out" "$OUT/${name}_$precision" 0 --quick &
+        done
     done
 done
 wait
 
+races_found
 for precision in FP32 BF16; do
-    if report_build test_moe $precision; then
-        for options_file in "$STATES"/*.options; do
-            name=$(basename "$options_file" .options)
-            # test_moe's own SKIP lines (BF16 reports) pass through, not counted
-            grep -E '^SKIP ' "$OUT/$name.$precision.out" | sed -E 's/^SKIP /SKIP emu./'
-            report "$OUT/$name.$precision.out" "emu." "emu.$name.$precision"
+    report_build test_moe $precision || true
+    for name in $STUDIES; do report_build "$name" $precision || true; done
+done
+for order in $ORDERS; do
+    t=$(tag "$order")
+    p=$(prefix "$order")
+    for precision in FP32 BF16; do
+        if [ -x "$OUT/test_moe_$precision" ]; then
+            for options_file in "$STATES"/*.options; do
+                name=$(basename "$options_file" .options)
+                # test_moe's own SKIP lines (BF16 reports) pass through, not counted
+                grep -E '^SKIP ' "$OUT/$name.$precision$t.out" | sed -E "s/^SKIP /SKIP $p/"
+                report "$OUT/$name.$precision$t.out" "$p" "$p$name.$precision"
+            done
+            report "$OUT/invariants.$precision$t.out" "$p" "${p}invariants.$precision"
+        fi
+        if [ "$order" = reverse ]; then
+            for log in "$OUT"/*."$precision".out; do
+                same "$log" "${log%.out}.reverse.out" "$(basename "$log" .out)"
+            done
+        fi
+        for name in $STUDIES; do
+            # the study's own SKIP lines (a version not built for this precision) are not checks
+            [ -x "$OUT/${name}_$precision" ] && report "$OUT/dev_cuda_$name.$precision$t.out" "${p}dev_cuda.$name.$precision: " "${p}dev_cuda.$name.$precision"
         done
-        report "$OUT/invariants.$precision.out" "emu." "emu.invariants.$precision"
-    fi
-    for name in $STUDIES; do
-        # the study's own SKIP lines (a version not built for this precision) are not checks
-        report_build "$name" $precision && report "$OUT/dev_cuda_$name.$precision.out" "emu.dev_cuda.$name.$precision: " "emu.dev_cuda.$name.$precision"
     done
 done
 exit 0
