@@ -15,9 +15,11 @@ accumulation inside the kernels. The BF16 thresholds are about three times the l
 measured with tests/emu (the same kernels, the tensor-core attention and expert GEMMs
 included, bf16 rounded exactly, on the CPU) over the 12 configs: logits 3.5e-2 (8e-3 but for
 the randomly initialised experts of --init scratch), dense gradients 8.8e-3, step losses
-5.9e-4; MoE gradients 1.4e-1 with top-2, but 2.6e-1 with scratch experts and 3.3e-1 with
-top-1 (where a flipped token takes all of its gradient to the other expert), so their
-threshold 0.5 has a margin of 1.5 only. Two effects make the MoE
+5.9e-4, the global gradient norm 6.0e-4 (relative, cascades included: a flipped token moves
+gradient between experts and leaves the norm nearly as it is); MoE gradients 1.4e-1 with
+top-2, but 2.6e-1 with scratch experts and 3.3e-1 with top-1 (where a flipped token takes all
+of its gradient to the other expert), so their threshold 0.5 has a margin of 1.5 only. Two
+effects make the MoE
 figures large and rule out comparing the parameters after the steps, neither a kernel error:
   - the test model's router starts at N(0, 0.02^2), so its logits differ by ~1e-2 between
     experts and bf16 noise in h flips top-k choices at near-ties (about 25 of 128 rows per layer
@@ -49,13 +51,13 @@ passes the gradients check above (2.6e-1 < 0.5) and fails this one (2.2e-1 > 3e-
 static const double TOL_LOGITS = 2e-5, TOL_LOSS = 4e-6, TOL_GRADS = 4e-5, TOL_ROUTE_WEIGHT = 4e-6;
 static const double TOL_STEP_LOSS = 1e-5, TOL_PARAMS_AFTER = 5e-4, TOL_COPY_UPCYCLE = 1e-5;
 static const float NEAR_TIE = 1e-5f;  // top-k logit gap below which a decision may flip
-static const double TOL_GRADS_MOE = TOL_GRADS, TOL_LOGITS_FORCED = TOL_LOGITS;
+static const double TOL_GRADS_MOE = TOL_GRADS, TOL_LOGITS_FORCED = TOL_LOGITS, TOL_GRAD_NORM = TOL_LOSS;
 static const bool BF16 = false;
 #else
 static const double TOL_LOGITS = 1e-1, TOL_LOSS = 5e-3, TOL_GRADS = 3e-2, TOL_ROUTE_WEIGHT = 1e-2;
 static const double TOL_STEP_LOSS = 2e-3, TOL_COPY_UPCYCLE = 3e-2;
 static const double TOL_PARAMS_AFTER = 0.0;  // not compared in BF16 (reported as SKIP, see above)
-static const double TOL_GRADS_MOE = 0.5, TOL_LOGITS_FORCED = 3e-2;
+static const double TOL_GRADS_MOE = 0.5, TOL_LOGITS_FORCED = 3e-2, TOL_GRAD_NORM = 2e-3;
 static const float NEAR_TIE = 5e-2f;
 static const bool BF16 = true;
 #endif
@@ -231,6 +233,11 @@ static void test_against_reference(const char* name, const char* state_path, int
     std::vector<float> losses(ref.n_steps);
     losses[0] = loss;
     model_update(&model, learning_rate_at(&schedule, 0), &opt, 1);
+    // the global gradient norm that step's clipping used (kernels/global_norm.cuh)
+    double norm = sqrt(download(model.step_scalars + SCALAR_NORM2, 1)[0]), ref_norm = reference_grad_norm(ref);
+    e = relative_error(norm, ref_norm);
+    check(e <= TOL_GRAD_NORM, label("grad_norm"), "ours %.7f reference %.7f (clip %g), relative error %.1e (tolerance %.0e)", norm, ref_norm,
+          args.grad_clip, e, TOL_GRAD_NORM);
     for (int s = 1; s < ref.n_steps; s++) { losses[s] = train_step(&model, &loader, &schedule, &opt, s); }
     double worst = 0.0;
     for (int s = 0; s < ref.n_steps; s++) { worst = std::max(worst, (double)fabsf(losses[s] - ref.step_losses[s]) / fabsf(ref.step_losses[s])); }

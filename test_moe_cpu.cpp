@@ -127,6 +127,9 @@ static void test_against_reference(const char* name, const char* state_path, con
     model_zero_grad(&model);
     model_backward(&model, 1.0f);
     compare_tensors(label("gradients"), model.grads_memory, ref.grads.data(), sizes, TOL_GRADS);
+    double norm = model_grad_norm(&model), ref_norm = reference_grad_norm(ref), e_norm = relative_error(norm, ref_norm);
+    check(e_norm <= TOL_LOSS, label("grad_norm"), "ours %.7f reference %.7f (clip %g), relative error %.1e (tolerance %.0e)", norm, ref_norm,
+          args.grad_clip, e_norm, TOL_LOSS);
 
     // 5. n AdamW steps, window s at step s, as the reference did
     LrSchedule schedule = {args.lr_schedule, args.lr, args.warmup, ref.n_steps, args.final_lr_frac, args.decay_frac};

@@ -191,6 +191,13 @@ static inline void run_print_step(TrainingRun* run, int step, double loss, doubl
     if (run->config.num_experts > 1 && run->logger.moe_log) {
         fprintf(run->logger.moe_log, "s:%d aux:%.6f z:%.6f\n", step, aux, zl);
     }
+    // A loss or gradient norm that is not finite has already gone into this step's update: stop
+    // before the next checkpoint would save the broken parameters (those written are intact).
+    if (!std::isfinite(loss) || !std::isfinite(norm)) {
+        die("step %d: the loss is %g and the gradient norm %g: training diverged; the checkpoints written before this step are "
+            "intact (a lower learning rate -l, or --grad-clip, may help)",
+            step, loss, norm);
+    }
 }
 
 static inline bool run_routing_report_due(const TrainingRun* run, int steps_done) {

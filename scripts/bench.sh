@@ -4,7 +4,7 @@
 # the steps after warm-up) and peak memory; then the PyTorch reference on the same GPU.
 # Usage: scripts/bench.sh [OUTFILE]   (B=8 STEPS=30 by default; needs the Tiny Shakespeare shards)
 set -u
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 OUTFILE=${1:-/dev/stdout}
 B=${B:-8}
 STEPS=${STEPS:-30}

@@ -12,7 +12,7 @@
 # and the logs of each part beside it. Tiny Shakespeare comes from dev/data (prepared), or from
 # $SHARED_DATA/tinyshakespeare.txt and $SHARED_DATA/gpt2 (default ../shared/data).
 set -u
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 OUT=${1:?usage: scripts/gpu_check.sh OUTDIR}
 mkdir -p "$OUT"
 REPORT=$OUT/report.md
@@ -49,8 +49,10 @@ part "make test (CPU twin vs PyTorch, test_moe FP32 and BF16)" tests.log make --
 if [ ! -f dev/data/tinyshakespeare/tiny_shakespeare_train.bin ]; then
     part "prepare Tiny Shakespeare" train.log python3 dev/data/prepare.py --input "$SHARED_DATA/tinyshakespeare.txt" --bpe-dir "$SHARED_DATA/gpt2"
 fi
-train_check() {  # trains, then checks that the loss fell and stayed finite
-    ./train_moe "$@" | tee -a "$OUT/train.log" | grep -E '^step +[0-9]+/' > /tmp/gpu_check_steps.txt
+train_check() {  # trains (exit status 0: it stops with an error if a loss is not finite), then checks that the loss fell
+    ./train_moe "$@" 2>&1 | tee -a "$OUT/train.log" | grep -E '^step +[0-9]+/' > /tmp/gpu_check_steps.txt
+    local rc=${PIPESTATUS[0]}
+    [ "$rc" -eq 0 ] || { echo "train_moe exited with status $rc" | tee -a "$OUT/train.log"; return 1; }
     local first last
     first=$(head -n 1 /tmp/gpu_check_steps.txt | awk '{print $5}')
     last=$(tail -n 1 /tmp/gpu_check_steps.txt | awk '{print $5}')

@@ -77,7 +77,9 @@ $REF make-shard --vocab 100 --tokens 4096 --seed 3 -o "$SHARD" >> "$TMP/make.out
 GEOMETRY="-b 4 -t 16"
 # --eps 1e-6: AdamW turns gradients at the level of round-off (e.g. the key bias, whose exact gradient
 # is 0) into steps of lr * g / eps; a larger eps keeps those below the comparison tolerance
-OPTIM="-l 1e-3 -c 0.1 --eps 1e-6"
+# --grad-clip 0.5: below every config's gradient norm (0.77 to 1.66 at step 0), so that each step
+# clips and the global norm (checked as grad_norm) sets the update
+OPTIM="-l 1e-3 -c 0.1 --eps 1e-6 --grad-clip 0.5"
 # name | options shared by the reference and the twin
 CONFIGS=(
     "dense|-e 1 $OPTIM"
@@ -198,6 +200,9 @@ cp "$DENSE" "$BAD/layers.bin"; put_int "$BAD/layers.bin" 4 5
 cp "$DENSE" "$BAD/huge.bin"; put_int "$BAD/huge.bin" 6 1000000000
 cp "$DENSE" "$BAD/heads.bin"; put_int "$BAD/heads.bin" 5 3
 cp "$DENSE" "$BAD/nan.bin"; printf '\x00\x00\xc0\x7f' | dd of="$BAD/nan.bin" bs=1 seek=2000 conv=notrunc status=none
+# finite values whose sums overflow (3e38 in wte and wpe): the first step's loss is NaN
+cp "$DENSE" "$BAD/overflow.bin"
+for _ in $(seq 4608); do printf '\xe6\xb1\x61\x7f'; done | dd of="$BAD/overflow.bin" bs=1024 seek=1 conv=notrunc status=none
 cp "$TMP/run_a/model_00000008.bin" "$BAD/moe_flip.bin"; printf '\x55' | dd of="$BAD/moe_flip.bin" bs=1 seek=4000 conv=notrunc status=none
 cp "$TMP/run_a/model_00000008.bin" "$BAD/moe_trailing.bin"; printf 'xxxx' >> "$BAD/moe_trailing.bin"
 cp "$TMP/run_a/model_00000008.bin" "$BAD/moe_experts.bin"; put_int "$BAD/moe_experts.bin" 8 6
@@ -214,6 +219,7 @@ expect_error moe_checkpoint_corrupt_byte "checksum" $RUN -m "$BAD/moe_flip.bin"
 expect_error moe_checkpoint_trailing_bytes "trailing bytes" $RUN -m "$BAD/moe_trailing.bin"
 expect_error moe_checkpoint_experts_disagree "header says" $RUN -m "$BAD/moe_experts.bin"
 expect_error model_file_missing "not found" $RUN -m "$BAD/nothing.bin"
+expect_error training_diverges "diverged" $RUN -m "$BAD/overflow.bin" -e 4 -k 2
 
 head -c 3000 "$SHARD" > "$BAD/shard_truncated.bin"
 cp "$SHARD" "$BAD/shard_magic.bin"; put_int "$BAD/shard_magic.bin" 0 7

@@ -40,6 +40,12 @@ static double scaled_error(const float* a, const float* b, size_t n, double* max
     return max_diff / max_ref;
 }
 
+// |ours - reference| / |reference|, 0 when both are 0
+static double relative_error(double ours, double reference) {
+    if (reference == 0.0) { return ours == 0.0 ? 0.0 : INFINITY; }
+    return fabs(ours - reference) / fabs(reference);
+}
+
 // ----------------------------------------------------------------------------
 // the reference's debug state (doc/formats.md)
 
@@ -55,6 +61,14 @@ struct DebugState {
     std::vector<float> step_losses;
     std::vector<float> params_after;
 };
+
+// The global L2 norm of the reference's step-0 gradients, summed in double: what the gradient
+// clipping of step 0 divides by (torch.nn.utils.clip_grad_norm_ computes the same norm).
+static double reference_grad_norm(const DebugState& ref) {
+    double s = 0.0;
+    for (float g : ref.grads) { s += (double)g * g; }
+    return sqrt(s);
+}
 
 template <typename T>
 static void read_vector(std::vector<T>& v, size_t n, FILE* f, const char* path) {

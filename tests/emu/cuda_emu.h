@@ -9,8 +9,8 @@ What is emulated, faithfully enough for the kernels' logic:
     barrier that not every thread reaches is reported as a deadlock instead of hanging;
   - warp shuffles (__shfl_sync, __shfl_xor_sync, __shfl_up_sync, __shfl_down_sync) exchange
     values between the 32 lanes of a warp through a barrier;
-  - __shared__ memory is per block (function statics, since blocks run one at a time); dynamic
-    shared memory is filled with 0xFF bytes (NaN) at every block, so reading it before writing
+  - __shared__ memory is per block (function statics, since blocks run one at a time), filled
+    with 0xFF bytes (NaN) at every block, static and dynamic alike, so reading it before writing
     shows up; launch limits (1024 threads, grid dimensions, shared memory) are checked;
   - the runtime API (memory, copies, streams, events) runs synchronously on host memory;
   - cuBLASLt's matmul (the calls kernels/matmul.cuh makes: column-major layouts, transposes,
@@ -212,6 +212,27 @@ static bool reverse_order() {
 
 static Thread& me() { return B.threads[B.current]; }
 
+static unsigned long long block_serial;  // counts the blocks run, across launches
+
+// Called after the declaration of each static __shared__ variable (translate.py adds the call;
+// the variable is a function static): the first thread of each block to reach it fills it with
+// 0xFF bytes (NaN, or -1), as dynamic shared memory is at every block, so that a read before any
+// write in this block shows up instead of seeing what the previous block left there.
+static void shared_at_block_start(void* variable, size_t bytes) {
+    struct Filled { void* variable; unsigned long long block; };
+    static std::vector<Filled> filled;  // in the block it was last filled in
+    for (Filled& f : filled) {
+        if (f.variable != variable) { continue; }
+        if (f.block != block_serial) {
+            memset(variable, 0xFF, bytes);
+            f.block = block_serial;
+        }
+        return;
+    }
+    filled.push_back({variable, block_serial});
+    memset(variable, 0xFF, bytes);
+}
+
 static bool runnable(const Thread& t);
 
 // Runs the first runnable thread from `first` on (downwards in reverse order), round robin,
@@ -332,6 +353,7 @@ static bool runnable(const Thread& t) {
 }
 
 static void run_block(unsigned bx, unsigned by, unsigned bz, size_t shared_bytes) {
+    block_serial++;
     int n = blockDim.x * blockDim.y * blockDim.z, warps = (n + 31) / 32;
     B.threads.assign(n, Thread());
     B.warp_live.assign(warps, 0);

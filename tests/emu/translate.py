@@ -8,6 +8,7 @@
 Rewrites, in .cu and .cuh files only:
   kernel<<<grid, block[, shared[, stream]]>>>(args)  ->  emu::launch(dim3(grid), dim3(block), shared, [&]() { kernel(args); })
   extern __shared__ [__align__(n)] T name[];         ->  T* name = (T*)emu::dynamic_shared();
+  __shared__ T name[dims];                           ->  static T name[dims]; emu::shared_at_block_start(&name, sizeof(name));
   asm volatile("ptx" : outputs : inputs);             ->  emu::ptx("ptx", {emu::out(..), .., emu::in(..), ..});
   #include <cuda_runtime.h> and the other CUDA headers -> removed (cuda_emu.h is force-included)
 """
@@ -18,6 +19,7 @@ import sys
 
 CUDA_INCLUDES = re.compile(r'^\s*#include\s*<(cuda_runtime|cuda_bf16|cuda_fp16|cublasLt|cublas_v2|cuda)\.h>\s*$', re.M)
 EXTERN_SHARED = re.compile(r'extern\s+__shared__\s+(?:__align__\(\d+\)\s+)?([A-Za-z_][\w\s]*?)\s+(\w+)\s*\[\s*\]\s*;')
+STATIC_SHARED = re.compile(r'__shared__\s+([A-Za-z_][\w\s]*?)\s+(\w+)\s*((?:\[[^\];]+\])*)\s*;')
 
 
 def matching(text, i, open_ch, close_ch):
@@ -133,6 +135,8 @@ def rewrite_asm(text):
 def translate(text):
     text = CUDA_INCLUDES.sub('', text)
     text = EXTERN_SHARED.sub(lambda m: '%s* %s = (%s*)emu::dynamic_shared();' % (m.group(1), m.group(2), m.group(1)), text)
+    text = STATIC_SHARED.sub(lambda m: 'static %s %s%s; emu::shared_at_block_start(&%s, sizeof(%s));'
+                             % (m.group(1), m.group(2), m.group(3), m.group(2), m.group(2)), text)
     text = rewrite_asm(text)
     return rewrite_launches(text)
 
