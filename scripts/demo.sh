@@ -8,7 +8,7 @@
 # Uses the GPU engine (train_moe) when a GPU is present, else the CPU twin (train_moe_cpu).
 # Overridable: OUT (out/demo), DENSE_STEPS (200), BRANCH_STEPS (60), MODEL (4:128:4:128), B, T.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 OUT=${OUT:-out/demo}
 DENSE_STEPS=${DENSE_STEPS:-200}
 BRANCH_STEPS=${BRANCH_STEPS:-60}

@@ -5,7 +5,8 @@
 #   2. train_moe and test_moe built for sm_90, FP32 and BF16
 #   3. every dev/cuda kernel study: validation against the CPU twin and timing, both precisions
 #   4. the test suite (make test): the CPU twin against PyTorch, then test_moe in both precisions
-#      against the same reference states, and its invariants
+#      against the same reference states, and its invariants (without the CPU emulation of the
+#      GPU kernels, SKIP_EMULATION=1: here they run on the GPU itself)
 #   5. short trainings on Tiny Shakespeare: dense GPT-2 124M shape, then upcycled to 8 experts
 #   6. the benchmark (scripts/bench.sh)
 # Usage: scripts/gpu_check.sh OUTDIR. Writes OUTDIR/report.md (a pass/fail table with timings)
@@ -44,7 +45,7 @@ part "build train_moe and test_moe (sm_90, FP32)" build.log make -s train_moe te
 part "build train_moe and test_moe (sm_90, BF16; the trainings use it)" build.log make -s train_moe test_moe PRECISION=BF16 GPU_ARCHS=90
 part "dev/cuda kernel studies (FP32 and BF16)" dev_cuda.log bash dev/cuda/run_all.sh
 export SHARED_DATA
-part "make test (CPU twin vs PyTorch, test_moe FP32 and BF16)" tests.log make --no-print-directory test
+part "make test (CPU twin vs PyTorch, test_moe FP32 and BF16)" tests.log env SKIP_EMULATION=1 make --no-print-directory test
 
 if [ ! -f dev/data/tinyshakespeare/tiny_shakespeare_train.bin ]; then
     part "prepare Tiny Shakespeare" train.log python3 dev/data/prepare.py --input "$SHARED_DATA/tinyshakespeare.txt" --bpe-dir "$SHARED_DATA/gpt2"

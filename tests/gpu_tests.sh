@@ -6,7 +6,7 @@
 #   2. with a GPU: test_moe against the same reference states, and its invariants, both precisions;
 #      without one: "GPU tests skipped: no GPU", nothing counted.
 set -u
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 STATES=$1
 if ! command -v "${NVCC:-nvcc}" > /dev/null 2>&1; then
     echo "FAIL cuda_build: nvcc not found (the CUDA toolkit is needed to build train_moe)"

@@ -2,7 +2,7 @@
 # Builds every kernel study in both precisions and runs it; prints the studies' PASS/FAIL lines
 # and timings. Needs a GPU. Usage: bash dev/cuda/run_all.sh [OUTDIR]
 set -u
-cd "$(dirname "$0")"
+cd "$(dirname "$0")" || exit 1
 out=${1:-}
 status=0
 for precision in FP32 BF16; do
