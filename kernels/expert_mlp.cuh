@@ -259,6 +259,17 @@ __global__ void __launch_bounds__(XM_WARPS * WARP_SIZE)
     // A = X rows first.., k along the rows; B = W_e: (N, K) holds k along the rows of n, (K, N) down the columns
     xm_block_product<true, W_TRANSPOSED>(acc, reinterpret_cast<floatX*>(xm_smem), X, K, first, end, We, W_TRANSPOSED ? K : N, n0, N, 0, K);
     int warp = threadIdx.x / WARP_SIZE, lane = threadIdx.x % WARP_SIZE, g = lane / 4, c = lane % 4;
+    // the thread's columns: two adjacent ones n, n + 1 (n even, N a multiple of 8) in each of four
+    // 8-column groups, the same for all its rows; their bias read once
+    float bias_n[4][2] = {};
+    #pragma unroll
+    for (int ni = 0; ni < 4; ni++) {
+        int n = n0 + (warp % 4) * 32 + ni * 8 + 2 * c;
+        if (bias && n < N) {
+            bias_n[ni][0] = to_float(bias[(size_t)e * N + n]);
+            bias_n[ni][1] = to_float(bias[(size_t)e * N + n + 1]);
+        }
+    }
     #pragma unroll
     for (int mi = 0; mi < 4; mi++) {
         #pragma unroll
@@ -267,14 +278,10 @@ __global__ void __launch_bounds__(XM_WARPS * WARP_SIZE)
             if (row >= end) { continue; }
             #pragma unroll
             for (int ni = 0; ni < 4; ni++) {
-                // the thread's two adjacent columns n, n + 1 (n even, N a multiple of 8): one 4-byte store
                 int n = n0 + (warp % 4) * 32 + ni * 8 + 2 * c;
                 if (n >= N) { continue; }
-                float v0 = acc[mi][ni][half * 2], v1 = acc[mi][ni][half * 2 + 1];
-                if (bias) {
-                    v0 += to_float(bias[(size_t)e * N + n]);
-                    v1 += to_float(bias[(size_t)e * N + n + 1]);
-                }
+                // one 4-byte store for the two columns
+                float v0 = acc[mi][ni][half * 2] + bias_n[ni][0], v1 = acc[mi][ni][half * 2 + 1] + bias_n[ni][1];
                 float s0 = to_float(from_float<floatX>(v0)), s1 = to_float(from_float<floatX>(v1));  // as stored
                 size_t at = (size_t)row * N + n;
                 *reinterpret_cast<uint32_t*>(out + at) = pack_bf16x2(s0, s1);
