@@ -154,7 +154,7 @@ static void test_against_reference(const char* name, const char* state_path, int
         check(e <= TOL_LOGITS, label("logits"), "scaled error %.2e (tolerance %.0e)", e, TOL_LOGITS);
     }
     float loss = mean_loss(&model, N);
-    e = fabs(loss - ref.loss) / fabs(ref.loss);
+    e = relative_error(loss, ref.loss);
     check(e <= TOL_LOSS, label("loss"), "ours %.7f reference %.7f, relative error %.1e", loss, ref.loss, e);
     if (cfg.num_experts > 1) {
         double bal = 0, zl = 0;
@@ -240,7 +240,7 @@ static void test_against_reference(const char* name, const char* state_path, int
           args.grad_clip, e, TOL_GRAD_NORM);
     for (int s = 1; s < ref.n_steps; s++) { losses[s] = train_step(&model, &loader, &schedule, &opt, s); }
     double worst = 0.0;
-    for (int s = 0; s < ref.n_steps; s++) { worst = std::max(worst, (double)fabsf(losses[s] - ref.step_losses[s]) / fabsf(ref.step_losses[s])); }
+    for (int s = 0; s < ref.n_steps; s++) { worst = std::max(worst, relative_error(losses[s], ref.step_losses[s])); }
     check(worst <= TOL_STEP_LOSS, label("step_losses"), "worst relative error %.1e over %d steps (tolerance %.0e)", worst, ref.n_steps, TOL_STEP_LOSS);
     std::vector<float> after = download(model.master, model.num_params);
     if (BF16) {

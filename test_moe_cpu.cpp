@@ -69,7 +69,7 @@ static void test_against_reference(const char* name, const char* state_path, con
     for (int i = 0; i < N; i++) { memcpy(&logits[(size_t)i * V], model.logits + (size_t)i * Vp, V * sizeof(float)); }
     double e = scaled_error(logits.data(), ref.logits.data(), logits.size());
     check(e <= TOL_LOGITS, label("logits"), "scaled error %.2e (tolerance %.0e)", e, TOL_LOGITS);
-    e = fabs(model.mean_loss - ref.loss) / fabs(ref.loss);
+    e = relative_error(model.mean_loss, ref.loss);
     check(e <= TOL_LOSS, label("loss"), "ours %.7f reference %.7f, relative error %.1e", model.mean_loss, ref.loss, e);
     if (cfg.num_experts > 1) {
         double ea = fabs(model.aux_loss - ref.aux_loss) / std::max(1e-12, (double)fabs(ref.aux_loss));
@@ -148,7 +148,7 @@ static void test_against_reference(const char* name, const char* state_path, con
     double worst = 0.0;
     std::string detail;
     for (int s = 0; s < ref.n_steps; s++) {
-        worst = std::max(worst, fabs(losses[s] - ref.step_losses[s]) / fabs(ref.step_losses[s]));
+        worst = std::max(worst, relative_error(losses[s], ref.step_losses[s]));
         char buf[48];
         snprintf(buf, sizeof(buf), "%s%.6f/%.6f", s ? " " : "", losses[s], ref.step_losses[s]);
         detail += buf;

@@ -56,7 +56,7 @@ compute, not how fast.
 #define __host__
 #define __forceinline__ inline
 #define __launch_bounds__(...)
-#define __shared__ static
+#define __shared__ static  // only where translate.py's rewrite (filled at every block) does not apply
 #define __align__(n) alignas(n)
 
 struct dim3 {
@@ -193,13 +193,7 @@ struct Block {
 };
 static Block B;
 
-// The order threads and blocks run in. A thread runs alone from one barrier (or shuffle) to the
-// next, so the threads of a block run in turn between barriers, and the blocks of a grid one
-// after another. EMU_ORDER=reverse runs them last first: the blocks from the last, and between
-// barriers the threads from the highest index down. A race (a word of shared or global memory
-// written by one thread and read or written by another with no barrier between them, or a
-// block reading what another block of the same launch writes) then gives a different result in
-// one of the two orders; tests/emu/run.sh runs the tests in both.
+// EMU_ORDER=reverse: threads and blocks run from the last one down (races, see the top of the file)
 static bool reverse_order() {
     static const int reverse = [] {
         const char* order = getenv("EMU_ORDER");
@@ -387,12 +381,12 @@ static void run_block(unsigned bx, unsigned by, unsigned bz, size_t shared_bytes
     // thread 0 starts (the last one in reverse order); from then on the threads hand over to
     // each other (switch_to_next) and the last one to end comes back here
     B.current = reverse_order() ? n - 1 : 0;
-    const Thread& first = B.threads[B.current];
+    Thread& first = B.threads[B.current];
     threadIdx = dim3(first.x, first.y, first.z);
 #if defined(__x86_64__)
     emu_switch(&B.scheduler.sp, first.context.sp);
 #else
-    swapcontext(&B.scheduler.uc, &B.threads[B.current].context.uc);
+    swapcontext(&B.scheduler.uc, &first.context.uc);
 #endif
 }
 

@@ -101,7 +101,7 @@ races_found() {
     fi
     EMU_ORDER=forward "$OUT/races" > "$OUT/races.forward" 2>&1
     EMU_ORDER=reverse "$OUT/races" > "$OUT/races.reverse" 2>&1
-    local kind name forward reverse
+    local label kind name forward reverse
     while IFS=: read -r label forward; do
         kind=${label%% *}
         name=${label#* }
