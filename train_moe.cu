@@ -499,15 +499,30 @@ static double peak_flops(const cudaDeviceProp* prop) {
     return 0.0;
 }
 
+// The GPU the run uses (device 0). A machine without one, or with one too old for the bf16
+// tensor-core kernels, gets one clear line and exit 1, before anything is read or written.
+static cudaDeviceProp gpu_properties() {
+    int count = 0;
+    cudaError_t err = cudaGetDeviceCount(&count);
+    if (err != cudaSuccess || count == 0) {
+        die("no CUDA GPU found (%s): train_moe_cpu trains the same model on the CPU",
+            err != cudaSuccess ? cudaGetErrorString(err) : "no device");
+    }
+    cudaDeviceProp prop;
+    cudaCheck(cudaGetDeviceProperties(&prop, 0));
+    if (prop.major < 8) { die("%s has compute capability %d.%d: train_moe needs 8.0 or newer (Ampere, Hopper)", prop.name, prop.major, prop.minor); }
+    return prop;
+}
+
 // ----------------------------------------------------------------------------
 // the training loop
 
 #ifndef TESTING
 int main(int argc, char** argv) {
     TrainingRun run;
-    run_init(&run, argc, argv);
-    cudaDeviceProp prop;
-    cudaCheck(cudaGetDeviceProperties(&prop, 0));
+    parse_args(argc, argv, &run.args);
+    cudaDeviceProp prop = gpu_properties();
+    run_init(&run);
     printf("GPU engine, %s, on %s (sm_%d%d)\n", PRECISION_NAME, prop.name, prop.major, prop.minor);
     matmul_setup();
     Model model;

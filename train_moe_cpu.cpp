@@ -1160,7 +1160,8 @@ static void report_routing(Model* m, TrainingRun* run, int step) {
 #ifndef TESTING
 int main(int argc, char** argv) {
     TrainingRun run;
-    run_init(&run, argc, argv);
+    parse_args(argc, argv, &run.args);
+    run_init(&run);
     Model model;
     model_init(&model, &run.config, run.params, run.B, run.T, (float)run.args.aux_loss, (float)run.args.z_loss);
     run_initial_moments(&run, model.m_memory, model.v_memory, model.num_params);

@@ -51,10 +51,11 @@ static inline double seconds_now() {
     return ts.tv_sec + ts.tv_nsec * 1e-9;
 }
 
-// Parses the command line and builds everything but the engine's model.
-static inline void run_init(TrainingRun* run, int argc, char** argv) {
+// Builds everything but the engine's model from the parsed command line in run->args (the
+// engines parse it first: -h and bad options need no GPU, and the GPU engine then checks for one
+// before anything is read or written).
+static inline void run_init(TrainingRun* run) {
     TrainArgs& a = run->args;
-    parse_args(argc, argv, &a);
     run->have_output = !a.output_dir.empty();
     if (a.resume && !run->have_output) { die("-y 1 resumes from the checkpoints in the output directory: give it with -o"); }
     if (run->have_output) { make_dir(a.output_dir.c_str()); }

@@ -4,7 +4,8 @@
 #   1. build train_moe and test_moe for sm_80 and sm_90, and the dev/cuda kernel studies for sm_90,
 #      BF16 and FP32: a build error fails;
 #   2. with a GPU: test_moe against the same reference states, and its invariants, both precisions;
-#      without one: "GPU tests skipped: no GPU", nothing counted.
+#      without one: train_moe's -h and its clear stop for want of a GPU, then "GPU tests skipped:
+#      no GPU", nothing of the GPU suite counted.
 set -u
 cd "$(dirname "$0")/.." || exit 1
 STATES=$1
@@ -31,7 +32,30 @@ for precision in BF16 FP32; do
     fi
 done
 
+# The GPU engine where there is no GPU: -h works, and a run stops with one clear line before it
+# reads or writes anything (no output directory appears).
+without_gpu() {
+    local bin=$STATES/cuda_BF16/train_moe dir=$STATES/without_gpu rc
+    [ -x "$bin" ] || return 0
+    mkdir -p "$dir"
+    "$bin" -h > "$dir/help.log" 2>&1
+    rc=$?
+    if [ $rc -eq 0 ] && grep -q -- "--experts" "$dir/help.log"; then
+        echo "PASS train_moe_help_without_gpu: exit 0, the options listed"
+    else
+        echo "FAIL train_moe_help_without_gpu: exit $rc: $(head -n 3 "$dir/help.log")"
+    fi
+    "$bin" -m "$STATES/dense.bin" -i "$STATES/shard.bin" -o "$dir/out" > "$dir/run.log" 2>&1
+    rc=$?
+    if [ $rc -eq 1 ] && [ "$(wc -l < "$dir/run.log")" -eq 1 ] && grep -q "no CUDA GPU found" "$dir/run.log" && [ ! -e "$dir/out" ]; then
+        echo "PASS train_moe_without_gpu: exit 1, $(cat "$dir/run.log")"
+    else
+        echo "FAIL train_moe_without_gpu: exit $rc (expected 1, one line, no output directory): $(head -n 3 "$dir/run.log")"
+    fi
+}
+
 if ! nvidia-smi -L > /dev/null 2>&1; then
+    without_gpu
     echo "GPU tests skipped: no GPU"
     exit 0
 fi
@@ -41,7 +65,7 @@ for precision in FP32 BF16; do
     [ -x "$bin" ] || continue
     for options_file in "$STATES"/*.options; do
         name=$(basename "$options_file" .options)
-        # shellcheck disable=SC2046
+        # shellcheck disable=SC2046,SC2086
         "$bin" reference "$name" "$STATES/$name.state" "$STATES/$name.ref.bin" -- -m "$STATES/dense.bin" -i "$STATES/shard.bin" $GEOMETRY $(cat "$options_file") | grep -E '^(PASS|FAIL|SKIP) '
     done
     "$bin" invariants "$STATES/dense.bin" "$STATES/shard.bin" | grep -E '^(PASS|FAIL|SKIP) '
