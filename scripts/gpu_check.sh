@@ -41,8 +41,9 @@ part() {
     echo "| $name | $result | $((SECONDS - t0)) |" >> "$REPORT"
 }
 
-part "build train_moe and test_moe (sm_90, FP32)" build.log make -s train_moe test_moe PRECISION=FP32 GPU_ARCHS=90 BUILD=/tmp
-part "build train_moe and test_moe (sm_90, BF16; the trainings use it)" build.log make -s train_moe test_moe PRECISION=BF16 GPU_ARCHS=90
+# the two binaries of a precision build side by side (nvcc uses one core per binary)
+part "build train_moe and test_moe (sm_90, FP32)" build.log make -s -j2 train_moe test_moe PRECISION=FP32 GPU_ARCHS=90 BUILD=/tmp
+part "build train_moe and test_moe (sm_90, BF16; the trainings use it)" build.log make -s -j2 train_moe test_moe PRECISION=BF16 GPU_ARCHS=90
 part "dev/cuda kernel studies (FP32 and BF16)" dev_cuda.log bash dev/cuda/run_all.sh
 export SHARED_DATA
 part "make test (CPU twin vs PyTorch, test_moe FP32 and BF16)" tests.log env SKIP_EMULATION=1 make --no-print-directory test
@@ -50,6 +51,7 @@ part "make test (CPU twin vs PyTorch, test_moe FP32 and BF16)" tests.log env SKI
 if [ ! -f dev/data/tinyshakespeare/tiny_shakespeare_train.bin ]; then
     part "prepare Tiny Shakespeare" train.log python3 dev/data/prepare.py --input "$SHARED_DATA/tinyshakespeare.txt" --bpe-dir "$SHARED_DATA/gpt2"
 fi
+# shellcheck disable=SC2317  # called through part
 train_check() {  # trains (exit status 0: it stops with an error if a loss is not finite), then checks that the loss fell
     ./train_moe "$@" 2>&1 | tee -a "$OUT/train.log" | grep -E '^step +[0-9]+/' > /tmp/gpu_check_steps.txt
     local rc=${PIPESTATUS[0]}
