@@ -425,6 +425,50 @@ static void test_gradient_accumulation(const char* dense, const char* shard) {
     free(params);
 }
 
+// matmul_forward with operands and a bias at the alignments a model of any width hands it
+// (C not a multiple of 8 puts the qkv bias of layer l at l * 3C elements): a bias that is 16-byte
+// aligned goes through cuBLASLt's epilogue, one that is not through add_bias_kernel; the
+// operands start 8 bytes past an aligned address (cuBLASLt is told). Both against a double
+// product of the same floatX inputs. Tolerance FP32 1e-5 (fp32 sums in another order); BF16
+// 1e-2 (the output is rounded to bf16, twice when the bias is added by the kernel).
+static void test_matmul_bias_alignment() {
+    const int N = 37, C = 24, OC = 20;
+    const int shift = 8 / sizeof(floatX);  // elements in 8 bytes
+    std::vector<floatX> inp(N * C + shift), weight(OC * C + shift), bias(OC + shift);
+    for (size_t i = 0; i < inp.size(); i++) { inp[i] = (floatX)(float)random_normal(5, 1, i); }
+    for (size_t i = 0; i < weight.size(); i++) { weight[i] = (floatX)(float)(0.2 * random_normal(5, 2, i)); }
+    for (size_t i = 0; i < bias.size(); i++) { bias[i] = (floatX)(float)random_normal(5, 3, i); }
+    floatX* d_inp = cuda_malloc<floatX>(inp.size());
+    floatX* d_weight = cuda_malloc<floatX>(weight.size());
+    floatX* d_bias = cuda_malloc<floatX>(bias.size());
+    floatX* d_out = cuda_malloc<floatX>(N * OC);
+    cudaCheck(cudaMemcpy(d_inp, inp.data(), inp.size() * sizeof(floatX), cudaMemcpyHostToDevice));
+    cudaCheck(cudaMemcpy(d_weight, weight.data(), weight.size() * sizeof(floatX), cudaMemcpyHostToDevice));
+    cudaCheck(cudaMemcpy(d_bias, bias.data(), bias.size() * sizeof(floatX), cudaMemcpyHostToDevice));
+    const double tolerance = BF16 ? 1e-2 : 1e-5;
+    for (int bias_shift : {0, 1}) {  // 1: one element past an aligned address, 2 or 4 bytes
+        const floatX* x = inp.data() + shift;
+        const floatX* w = weight.data() + shift;
+        const floatX* b = bias.data() + bias_shift;
+        std::vector<float> ref(N * OC);
+        for (int i = 0; i < N; i++) {
+            for (int o = 0; o < OC; o++) {
+                double acc = (float)b[o];
+                for (int c = 0; c < C; c++) { acc += (double)(float)x[i * C + c] * (float)w[o * C + c]; }
+                ref[i * OC + o] = (float)acc;
+            }
+        }
+        matmul_forward(d_out, d_inp + shift, d_weight + shift, d_bias + bias_shift, N, C, OC, 0);
+        std::vector<float> out = download_floats(d_out, N * OC);
+        double e = scaled_error(out.data(), ref.data(), out.size());
+        char name[96];
+        snprintf(name, sizeof(name), "matmul_forward_bias_%s.%s", bias_shift ? "misaligned" : "aligned", PRECISION_NAME);
+        check(e <= tolerance, name, "bias %zu bytes past a 16-byte boundary, operands 8: scaled error %.2e (tolerance %.0e)",
+              bias_shift * sizeof(floatX), e, tolerance);
+    }
+    for (void* p : std::initializer_list<void*>{d_inp, d_weight, d_bias, d_out}) { cudaCheck(cudaFree(p)); }
+}
+
 int main(int argc, char** argv) {
     int devices = 0;
     if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) {
@@ -448,6 +492,7 @@ int main(int argc, char** argv) {
         dataloader_free(&dl);
         test_determinism_and_resume(dense, shard);
         test_gradient_accumulation(dense, shard);
+        test_matmul_bias_alignment();
     } else {
         fprintf(stderr, "usage: %s reference NAME STATE REF_MODEL -- [train options]\n       %s invariants DENSE SHARD\n", argv[0], argv[0]);
         matmul_teardown();

@@ -6,7 +6,8 @@ Precision (make PRECISION=BF16, the default, or PRECISION=FP32):
   - activations and the working copy of the weights are floatX: bf16, or fp32 with -DENABLE_FP32;
   - master weights, gradients and AdamW moments are fp32 always;
   - the router (its weights, logits, softmax, top-k, auxiliary losses) is fp32 always.
-Every reduction sums in a fixed order (no float atomics), so two runs are bit-identical.
+Every reduction sums in a fixed order (no float atomics), so two runs are bit-identical on the
+same GPU model with the same cuBLAS (cuBLASLt's heuristic picks its algorithm per GPU and version).
 */
 #pragma once
 

@@ -1,7 +1,7 @@
 /*
 The squared global L2 norm of all gradients, for clipping. Two stages with a partition that
 depends only on n (NORM_BLOCKS fixed slices): each block sums its slice, then one block adds the
-slice sums in order. The result is the same on every run and every GPU.
+slice sums in order. The result is the same on every run and every GPU for the same gradients.
 */
 #pragma once
 

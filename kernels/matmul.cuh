@@ -10,6 +10,12 @@ same bytes, so, writing X' for the column-major view of X:
     dinp     dinp' (C x N) = weight' (C x OC) . dout' (OC x N)        m=C  n=N  k=OC
     dweight  dweight' (C x OC) += inp' (C x N) . dout'^T (N x OC)     m=C  n=OC k=N
 Compute is fp32 (CUBLAS_COMPUTE_32F; never TF32), so the FP32 build is exact fp32 math.
+
+Alignment: cuBLASLt's heuristic assumes 256-byte aligned operands unless told otherwise, and its
+bias epilogue needs a 16-byte aligned bias. The parameters live in one buffer, so a bias sits at
+l * 3C elements (qkv) or l * C: with C not a multiple of 8 in bf16 (of 4 in fp32) it is not
+16-byte aligned. So every call states each operand's real alignment, and matmul_forward adds a
+misaligned bias with its own kernel instead of the epilogue.
 */
 #pragma once
 
@@ -40,6 +46,13 @@ __global__ void column_partials_kernel(float* partials, const floatX* dout, int 
     partials[(size_t)blockIdx.y * OC + j] = s;
 }
 
+// out (N, OC) += bias (OC), for a bias the epilogue cannot take
+__global__ void add_bias_kernel(floatX* out, const floatX* bias, int N, int OC) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (size_t)N * OC) { return; }
+    out[i] = from_float<floatX>(to_float(out[i]) + to_float(bias[i % OC]));
+}
+
 __global__ void column_sum_kernel(float* dbias, const float* partials, int blocks, int OC) {
     int j = blockIdx.x * blockDim.x + threadIdx.x;
     if (j >= OC) { return; }
@@ -59,6 +72,13 @@ static void matmul_setup() {
 static void matmul_teardown() {
     cudaCheck(cudaFree(cublaslt_workspace));
     cublasCheck(cublasLtDestroy(cublaslt_handle));
+}
+
+// the largest power of two up to 256 that divides the address: what cuBLASLt may assume of it
+static uint32_t pointer_alignment(const void* p) {
+    uint32_t align = 256;
+    while (align > 1 && (uintptr_t)p % align != 0) { align /= 2; }
+    return align;
 }
 
 // D (m x n, column-major, ldd) = op(A) . op(B) [+ beta D] [+ bias (m)], A and B floatX, D of d_type
@@ -83,6 +103,13 @@ static void cublaslt_matmul(void* D, cudaDataType_t d_type, int ldd, const float
     cublasCheck(cublasLtMatmulPreferenceCreate(&preference));
     size_t workspace = CUBLASLT_WORKSPACE_BYTES;
     cublasCheck(cublasLtMatmulPreferenceSetAttribute(preference, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &workspace, sizeof(workspace)));
+    const void* operands[4] = {A, B, D, D};  // A, B, C, D: C is D
+    const cublasLtMatmulPreferenceAttributes_t align_attribute[4] = {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
+                                                                     CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES};
+    for (int i = 0; i < 4; i++) {
+        uint32_t align = pointer_alignment(operands[i]);
+        cublasCheck(cublasLtMatmulPreferenceSetAttribute(preference, align_attribute[i], &align, sizeof(align)));
+    }
     cublasLtMatmulHeuristicResult_t heuristic;
     int found = 0;
     cublasCheck(cublasLtMatmulAlgoGetHeuristic(cublaslt_handle, desc, a_layout, b_layout, d_layout, d_layout, preference, 1, &heuristic, &found));
@@ -102,7 +129,12 @@ static void cublaslt_matmul(void* D, cudaDataType_t d_type, int ldd, const float
 
 // out (N, OC) = inp (N, C) @ weight^T + bias; bias (OC) or NULL
 static void matmul_forward(floatX* out, const floatX* inp, const floatX* weight, const floatX* bias, int N, int C, int OC, cudaStream_t stream) {
-    cublaslt_matmul(out, CUDA_FLOATX, OC, weight, true, C, inp, false, C, OC, N, C, bias, 0.0f, stream);
+    bool in_epilogue = pointer_alignment(bias) >= 16;  // NULL is aligned
+    cublaslt_matmul(out, CUDA_FLOATX, OC, weight, true, C, inp, false, C, OC, N, C, in_epilogue ? bias : NULL, 0.0f, stream);
+    if (!in_epilogue) {
+        add_bias_kernel<<<(unsigned)ceil_div_int((size_t)N * OC, 256), 256, 0, stream>>>(out, bias, N, OC);
+        cudaCheckLaunch();
+    }
 }
 
 static size_t matmul_backward_scratch_floats(int N, int OC) { return (size_t)ceil_div_int(N, BIAS_ROWS_PER_BLOCK) * OC; }

@@ -14,7 +14,9 @@ What is emulated, faithfully enough for the kernels' logic:
     shows up; launch limits (1024 threads, grid dimensions, shared memory) are checked;
   - the runtime API (memory, copies, streams, events) runs synchronously on host memory;
   - cuBLASLt's matmul (the calls kernels/matmul.cuh makes: column-major layouts, transposes,
-    leading dimensions, beta, the bias epilogue, fp32 or bf16 operands) in plain loops;
+    leading dimensions, beta, the bias epilogue, fp32 or bf16 operands) in plain loops, with
+    its alignment contract: an operand less aligned than the preference's minimum (256 bytes
+    unless set lower) or a bias not 16-byte aligned is an error (cudaMalloc gives 256 here too);
   - bf16 is a 16-bit type with round-to-nearest-even conversions, as __float2bfloat16.
   - integer atomicAdd (a thread switches only at a barrier or a shuffle, so it is atomic).
   - the inline PTX of kernels/mma.cuh: mma.sync m16n8k16 bf16 (a warp-wide exchange of the
@@ -634,7 +636,7 @@ struct cudaDeviceProp {
 static inline const char* cudaGetErrorString(cudaError_t) { return "emulated CUDA error"; }
 static inline cudaError_t cudaGetLastError() { return cudaSuccess; }
 static inline cudaError_t cudaMalloc(void** p, size_t bytes) {
-    *p = malloc(bytes ? bytes : 1);
+    *p = aligned_alloc(256, std::max<size_t>(256, (bytes + 255) / 256 * 256));  // 256-byte aligned, as cudaMalloc
     if (!*p) { return 2; }
     memset(*p, 0xFF, bytes);  // fresh device memory is not zero: NaN shows a read before a write
     return cudaSuccess;
@@ -685,14 +687,18 @@ enum cublasOperation_t { CUBLAS_OP_N, CUBLAS_OP_T };
 enum cublasLtEpilogue_t { CUBLASLT_EPILOGUE_DEFAULT, CUBLASLT_EPILOGUE_BIAS };
 enum cublasLtMatmulDescAttributes_t { CUBLASLT_MATMUL_DESC_TRANSA, CUBLASLT_MATMUL_DESC_TRANSB, CUBLASLT_MATMUL_DESC_EPILOGUE,
                                       CUBLASLT_MATMUL_DESC_BIAS_POINTER };
-enum cublasLtMatmulPreferenceAttributes_t { CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES };
+enum cublasLtMatmulPreferenceAttributes_t { CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES,
+                                            CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES,
+                                            CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES };
 struct emu_lt_desc { cublasOperation_t trans_a = CUBLAS_OP_N, trans_b = CUBLAS_OP_N; cublasLtEpilogue_t epilogue = CUBLASLT_EPILOGUE_DEFAULT; const void* bias = NULL; };
 struct emu_lt_layout { cudaDataType_t type; uint64_t rows, cols; int64_t ld; };
 typedef emu_lt_desc* cublasLtMatmulDesc_t;
 typedef emu_lt_layout* cublasLtMatrixLayout_t;
-typedef struct emu_lt_pref* cublasLtMatmulPreference_t;
+// the alignment (bytes) an algorithm may assume of A, B, C and D: 256 unless the preference says less
+struct emu_lt_pref { uint32_t align[4] = {256, 256, 256, 256}; };
+typedef emu_lt_pref* cublasLtMatmulPreference_t;
 typedef struct emu_lt_handle* cublasLtHandle_t;
-struct cublasLtMatmulAlgo_t { int unused; };
+struct cublasLtMatmulAlgo_t { uint32_t align[4]; };
 struct cublasLtMatmulHeuristicResult_t { cublasLtMatmulAlgo_t algo; };
 
 static inline cublasStatus_t cublasLtCreate(cublasLtHandle_t* h) { *h = (cublasLtHandle_t)1; return 0; }
@@ -714,12 +720,16 @@ static inline cublasStatus_t cublasLtMatrixLayoutCreate(cublasLtMatrixLayout_t* 
     return 0;
 }
 static inline cublasStatus_t cublasLtMatrixLayoutDestroy(cublasLtMatrixLayout_t l) { delete l; return 0; }
-static inline cublasStatus_t cublasLtMatmulPreferenceCreate(cublasLtMatmulPreference_t* p) { *p = (cublasLtMatmulPreference_t)1; return 0; }
-static inline cublasStatus_t cublasLtMatmulPreferenceDestroy(cublasLtMatmulPreference_t) { return 0; }
-static inline cublasStatus_t cublasLtMatmulPreferenceSetAttribute(cublasLtMatmulPreference_t, cublasLtMatmulPreferenceAttributes_t, const void*, size_t) { return 0; }
+static inline cublasStatus_t cublasLtMatmulPreferenceCreate(cublasLtMatmulPreference_t* p) { *p = new emu_lt_pref(); return 0; }
+static inline cublasStatus_t cublasLtMatmulPreferenceDestroy(cublasLtMatmulPreference_t p) { delete p; return 0; }
+static inline cublasStatus_t cublasLtMatmulPreferenceSetAttribute(cublasLtMatmulPreference_t p, cublasLtMatmulPreferenceAttributes_t a, const void* v, size_t) {
+    if (a != CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES) { p->align[a - CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES] = *(const uint32_t*)v; }
+    return 0;
+}
 static inline cublasStatus_t cublasLtMatmulAlgoGetHeuristic(cublasLtHandle_t, cublasLtMatmulDesc_t, cublasLtMatrixLayout_t, cublasLtMatrixLayout_t,
-                                                            cublasLtMatrixLayout_t, cublasLtMatrixLayout_t, cublasLtMatmulPreference_t, int,
-                                                            cublasLtMatmulHeuristicResult_t*, int* found) {
+                                                            cublasLtMatrixLayout_t, cublasLtMatrixLayout_t, cublasLtMatmulPreference_t p, int,
+                                                            cublasLtMatmulHeuristicResult_t* result, int* found) {
+    memcpy(result->algo.align, p->align, sizeof(p->align));  // the algorithm found relies on these
     *found = 1;
     return 0;
 }
@@ -733,10 +743,24 @@ static inline void store(void* p, cudaDataType_t t, size_t i, float v) {
 }
 }  // namespace emu
 
-// D (m x n) = alpha op(A) op(B) + beta C [+ bias (m), of D's type], column-major; C must be D
+// D (m x n) = alpha op(A) op(B) + beta C [+ bias (m), of D's type], column-major; C must be D.
+// A pointer less aligned than the algorithm assumes (the preference's minimum alignment, 256
+// bytes by default), or a bias not 16-byte aligned, is a misaligned access on a GPU: an error here.
+static const cublasStatus_t EMU_CUBLAS_STATUS_MISALIGNED = 14;  // CUBLAS_STATUS_INTERNAL_ERROR
 static inline cublasStatus_t cublasLtMatmul(cublasLtHandle_t, cublasLtMatmulDesc_t d, const void* alpha, const void* A, cublasLtMatrixLayout_t la,
                                             const void* Bm, cublasLtMatrixLayout_t lb, const void* beta, const void* C, cublasLtMatrixLayout_t lc,
-                                            void* D, cublasLtMatrixLayout_t ld, const cublasLtMatmulAlgo_t*, void*, size_t, cudaStream_t) {
+                                            void* D, cublasLtMatrixLayout_t ld, const cublasLtMatmulAlgo_t* algo, void*, size_t, cudaStream_t) {
+    const void* operands[4] = {A, Bm, C, D};
+    for (int i = 0; i < 4; i++) {
+        if ((uintptr_t)operands[i] % algo->align[i] != 0) {
+            fprintf(stderr, "emulated cuBLASLt: operand %c at %p is not %u-byte aligned, as the algorithm assumes\n", "ABCD"[i], operands[i], algo->align[i]);
+            return EMU_CUBLAS_STATUS_MISALIGNED;
+        }
+    }
+    if (d->epilogue == CUBLASLT_EPILOGUE_BIAS && (uintptr_t)d->bias % 16 != 0) {
+        fprintf(stderr, "emulated cuBLASLt: the bias epilogue's pointer %p is not 16-byte aligned\n", d->bias);
+        return EMU_CUBLAS_STATUS_MISALIGNED;
+    }
     bool ta = d->trans_a == CUBLAS_OP_T, tb = d->trans_b == CUBLAS_OP_T;
     uint64_t m = ld->rows, n = ld->cols, k = ta ? la->rows : la->cols;
     if ((ta ? la->cols : la->rows) != m || (tb ? lb->rows : lb->cols) != n || (tb ? lb->cols : lb->rows) != k) { return 7; }
