@@ -1,26 +1,34 @@
 #!/usr/bin/env bash
 # Everything that needs a GPU, in one command (design.md, "GPU verification"); under nine minutes
-# on one H100:
-#   1. the GPU and the toolchain
-#   2. train_moe and test_moe built for sm_90, FP32 and BF16
-#   3. every dev/cuda kernel study: validation against the CPU twin and timing, both precisions
-#   4. the test suite (make test): the CPU twin against PyTorch, then test_moe in both precisions
-#      against the same reference states, and its invariants (without the CPU emulation of the
-#      GPU kernels, SKIP_EMULATION=1: here they run on the GPU itself)
-#   5. short trainings on Tiny Shakespeare: dense GPT-2 124M shape, then upcycled to 8 experts
-#   6. the benchmark (scripts/bench.sh)
-# Usage: scripts/gpu_check.sh OUTDIR. Writes OUTDIR/report.md (a pass/fail table with timings)
-# and the logs of each part beside it. Tiny Shakespeare comes from dev/data (prepared), or from
-# $SHARED_DATA/tinyshakespeare.txt and $SHARED_DATA/gpt2 (default ../shared/data).
+# on one H100. The GPU and the toolchain first, then the parts, the most telling first (a run cut
+# short still says whether the engine is right):
+#   build    train_moe and test_moe built for sm_90, FP32 and BF16
+#   tests    the test suite (make test): the CPU twin against PyTorch, then test_moe in both
+#            precisions against the same reference states, and its invariants (without the CPU
+#            emulation of the GPU kernels, SKIP_EMULATION=1: here they run on the GPU itself)
+#   train    short trainings on Tiny Shakespeare: dense GPT-2 124M shape, then upcycled to 8 experts
+#   studies  every dev/cuda kernel study: validation against the CPU twin and timing, both precisions
+#   bench    the benchmark (scripts/bench.sh)
+# Usage: scripts/gpu_check.sh OUTDIR [PART...] (default: all five, in this order). Writes
+# OUTDIR/report.md (a pass/fail table with timings, a row as each part ends) and the logs of each
+# part beside it; a second call with the parts left over adds to the same report. Tiny
+# Shakespeare comes from dev/data (prepared), or from $SHARED_DATA/tinyshakespeare.txt and
+# $SHARED_DATA/gpt2 (default ../shared/data).
 set -u
 cd "$(dirname "$0")/.." || exit 1
-OUT=${1:?usage: scripts/gpu_check.sh OUTDIR}
+OUT=${1:?usage: scripts/gpu_check.sh OUTDIR [build] [tests] [train] [studies] [bench]}
+shift
+PARTS=${*:-build tests train studies bench}
+for p in $PARTS; do
+    case $p in build | tests | train | studies | bench) ;; *) echo "gpu_check: unknown part '$p' (build, tests, train, studies, bench)"; exit 2 ;; esac
+done
+wants() { [[ " $PARTS " == *" $1 "* ]]; }
 mkdir -p "$OUT"
 REPORT=$OUT/report.md
 SHARED_DATA=${SHARED_DATA:-../shared/data}
 status=0
 {
-    echo "# gpu_check $(date -u '+%Y-%m-%d %H:%M UTC')"
+    echo "# gpu_check $(date -u '+%Y-%m-%d %H:%M UTC'): $PARTS"
     echo
     nvidia-smi --query-gpu=name,memory.total,driver_version,compute_cap --format=csv,noheader 2>&1 | sed 's/^/GPU: /'
     echo "nvcc: $(nvcc --version | tail -n 2 | head -n 1)"
@@ -28,7 +36,7 @@ status=0
     echo
     echo "| part | result | seconds |"
     echo "|---|---|---|"
-} > "$REPORT"
+} >> "$REPORT"
 
 # part NAME LOG command...: runs it, adds a table row
 part() {
@@ -41,47 +49,66 @@ part() {
     echo "| $name | $result | $((SECONDS - t0)) |" >> "$REPORT"
 }
 
-# the two binaries of a precision build side by side (nvcc uses one core per binary)
-part "build train_moe and test_moe (sm_90, FP32)" build.log make -s -j2 train_moe test_moe PRECISION=FP32 GPU_ARCHS=90 BUILD=/tmp
-part "build train_moe and test_moe (sm_90, BF16; the trainings use it)" build.log make -s -j2 train_moe test_moe PRECISION=BF16 GPU_ARCHS=90
-part "dev/cuda kernel studies (FP32 and BF16)" dev_cuda.log bash dev/cuda/run_all.sh
+if wants build; then
+    # the two binaries of a precision build side by side (nvcc uses one core per binary)
+    part "build train_moe and test_moe (sm_90, FP32)" build.log make -s -j2 train_moe test_moe PRECISION=FP32 GPU_ARCHS=90 BUILD=/tmp
+    part "build train_moe and test_moe (sm_90, BF16; the trainings use it)" build.log make -s -j2 train_moe test_moe PRECISION=BF16 GPU_ARCHS=90
+fi
 export SHARED_DATA
-part "make test (CPU twin vs PyTorch, test_moe FP32 and BF16)" tests.log env SKIP_EMULATION=1 make --no-print-directory test
-
-if [ ! -f dev/data/tinyshakespeare/tiny_shakespeare_train.bin ]; then
+if wants tests; then
+    part "make test (CPU twin vs PyTorch, test_moe FP32 and BF16)" tests.log env SKIP_EMULATION=1 make --no-print-directory test
+fi
+if { wants train || wants bench; } && [ ! -f dev/data/tinyshakespeare/tiny_shakespeare_train.bin ]; then
     part "prepare Tiny Shakespeare" train.log python3 dev/data/prepare.py --input "$SHARED_DATA/tinyshakespeare.txt" --bpe-dir "$SHARED_DATA/gpt2"
+fi
+if { wants train || wants bench; } && [ ! -x ./train_moe ]; then
+    part "build train_moe (sm_90, BF16)" build.log make -s train_moe PRECISION=BF16 GPU_ARCHS=90
 fi
 # shellcheck disable=SC2317  # called through part
 train_check() {  # trains (exit status 0: it stops with an error if a loss is not finite), then checks that the loss fell
     ./train_moe "$@" 2>&1 | tee -a "$OUT/train.log" | grep -E '^step +[0-9]+/' > /tmp/gpu_check_steps.txt
     local rc=${PIPESTATUS[0]}
-    [ "$rc" -eq 0 ] || { echo "train_moe exited with status $rc" | tee -a "$OUT/train.log"; return 1; }
+    [ "$rc" -eq 0 ] || { echo "train_moe exited with status $rc"; return 1; }
     local first last
     first=$(head -n 1 /tmp/gpu_check_steps.txt | awk '{print $5}')
     last=$(tail -n 1 /tmp/gpu_check_steps.txt | awk '{print $5}')
-    echo "loss $first -> $last" | tee -a "$OUT/train.log"
+    echo "loss $first -> $last"
     awk -v a="$first" -v b="$last" 'BEGIN { exit !(b == b + 0 && b < a) }'
 }
 DATA="-i dev/data/tinyshakespeare/tiny_shakespeare_train.bin -j dev/data/tinyshakespeare/tiny_shakespeare_val.bin"
-# shellcheck disable=SC2086
-part "train dense d12 from scratch, 60 steps (loss falls)" train.log train_check -m d12 -e 1 $DATA -b 8 -t 1024 -x 60 -l 6e-4 -u 10 -v 30 -s 60 -o /tmp/gpu_check_dense
-# shellcheck disable=SC2086
-part "upcycle to 8 experts top-2, 30 steps (loss falls)" train.log train_check -m /tmp/gpu_check_dense/model_00000060.bin -e 8 -k 2 --init drop $DATA -b 8 -t 1024 -x 30 -l 3e-4 -v 15 -s 30 --stats-every 10
-part "benchmark (scripts/bench.sh)" bench.log bash scripts/bench.sh "$OUT/bench.md"
+if wants train; then
+    # shellcheck disable=SC2086
+    part "train dense d12 from scratch, 60 steps (loss falls)" train.log train_check -m d12 -e 1 $DATA -b 8 -t 1024 -x 60 -l 6e-4 -u 10 -v 30 -s 60 -o /tmp/gpu_check_dense
+    # shellcheck disable=SC2086
+    part "upcycle to 8 experts top-2, 30 steps (loss falls)" train.log train_check -m /tmp/gpu_check_dense/model_00000060.bin -e 8 -k 2 --init drop $DATA -b 8 -t 1024 -x 30 -l 3e-4 -v 15 -s 30 --stats-every 10
+fi
+if wants studies; then
+    part "dev/cuda kernel studies (FP32 and BF16)" dev_cuda.log bash dev/cuda/run_all.sh
+fi
+if wants bench; then
+    part "benchmark (scripts/bench.sh)" bench.log bash scripts/bench.sh "$OUT/bench.md"
+fi
 
 {
+    if wants tests || wants studies; then
+        echo
+        echo "## test results"
+        echo
+        echo '```'
+        if wants tests; then grep -E 'passed, .* failed|^FAIL|GPU tests skipped' "$OUT/tests.log"; fi
+        if wants studies; then
+            grep -c '^PASS' "$OUT/dev_cuda.log" | sed 's/^/dev\/cuda checks passed: /'
+            grep -E '^FAIL' "$OUT/dev_cuda.log"
+        fi
+        echo '```'
+    fi
+    if wants bench; then
+        echo
+        echo "## benchmark"
+        echo
+        cat "$OUT/bench.md" 2>/dev/null
+    fi
     echo
-    echo "## test results"
-    echo
-    echo '```'
-    grep -E 'passed, .* failed|^FAIL|GPU tests skipped' "$OUT/tests.log"
-    grep -E '^(PASS|FAIL)' "$OUT/dev_cuda.log" | grep -c '^PASS' | sed 's/^/dev\/cuda checks passed: /'
-    grep -E '^FAIL' "$OUT/dev_cuda.log"
-    echo '```'
-    echo
-    echo "## benchmark"
-    echo
-    cat "$OUT/bench.md" 2>/dev/null
 } >> "$REPORT"
 cat "$REPORT"
 exit $status
