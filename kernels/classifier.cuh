@@ -34,24 +34,42 @@ __device__ __forceinline__ SoftmaxStats softmax_merge(SoftmaxStats a, SoftmaxSta
     return {m, a.sum * expf(a.max - m) + b.sum * expf(b.max - m)};  // symmetric in a and b
 }
 
-// The merge over the block, returned to every thread, in a fixed tree (bit-identical runs);
-// `shared` holds at least 32 entries. The merge is symmetric, so every lane of the xor
-// butterfly ends with the same value.
-__device__ __forceinline__ SoftmaxStats block_reduce_softmax(SoftmaxStats v, SoftmaxStats* shared) {
-    int lane = threadIdx.x % WARP_SIZE, warp = threadIdx.x / WARP_SIZE, warps = blockDim.x / WARP_SIZE;
-    for (int offset = 16; offset > 0; offset >>= 1) {
-        SoftmaxStats other = {__shfl_xor_sync(0xffffffff, v.max, offset), __shfl_xor_sync(0xffffffff, v.sum, offset)};
-        v = softmax_merge(v, other);
-    }
-    __syncthreads();  // a previous use of `shared` is over
-    if (lane == 0) { shared[warp] = v; }
-    __syncthreads();
-    v = lane < warps ? shared[lane] : SoftmaxStats{-INFINITY, 0.0f};
+// The merge over the warp in an xor butterfly; the merge is symmetric, so every lane ends with
+// the same value.
+__device__ __forceinline__ SoftmaxStats warp_reduce_softmax(SoftmaxStats v) {
     for (int offset = 16; offset > 0; offset >>= 1) {
         SoftmaxStats other = {__shfl_xor_sync(0xffffffff, v.max, offset), __shfl_xor_sync(0xffffffff, v.sum, offset)};
         v = softmax_merge(v, other);
     }
     return v;
+}
+
+// The merge over the block, returned to every thread, in a fixed tree (bit-identical runs), as
+// block_reduce_sum; `shared` holds at least 32 entries.
+__device__ __forceinline__ SoftmaxStats block_reduce_softmax(SoftmaxStats v, SoftmaxStats* shared) {
+    int lane = threadIdx.x % WARP_SIZE, warp = threadIdx.x / WARP_SIZE, warps = blockDim.x / WARP_SIZE;
+    v = warp_reduce_softmax(v);
+    __syncthreads();  // a previous use of `shared` is over
+    if (lane == 0) { shared[warp] = v; }
+    __syncthreads();
+    v = lane < warps ? shared[lane] : SoftmaxStats{-INFINITY, 0.0f};
+    return warp_reduce_softmax(v);
+}
+
+// The row's loss from its merged stats, written by thread 0; returns the target. Every thread
+// has read z[target] when it returns, so the row may then be overwritten with the gradient.
+__device__ __forceinline__ int classifier_row_loss(const floatX* z, SoftmaxStats stats, float* losses, const int* targets) {
+    int target = targets[blockIdx.x];
+    float target_logit = to_float(z[target]);
+    __syncthreads();
+    if (threadIdx.x == 0) { losses[blockIdx.x] = logf(stats.sum) + stats.max - target_logit; }
+    return target;
+}
+
+// dloss * (softmax - onehot(target)) at column v for logit zv, 0 in the padding (v >= V)
+__device__ __forceinline__ float classifier_gradient(float zv, int v, int V, int target, SoftmaxStats stats, float dloss) {
+    if (v >= V) { return 0.0f; }
+    return expf(zv - stats.max) * (dloss / stats.sum) - (v == target ? dloss : 0.0f);
 }
 
 // ----------------------------------------------------------------------------
@@ -63,16 +81,9 @@ __global__ void classifier_kernel(floatX* logits, float* losses, const int* targ
     SoftmaxStats stats = {-INFINITY, 0.0f};
     for (int v = threadIdx.x; v < V; v += blockDim.x) { stats = softmax_add(stats, to_float(z[v])); }
     stats = block_reduce_softmax(stats, shared);
-    int target = targets[blockIdx.x];
-    float target_logit = to_float(z[target]);
-    __syncthreads();  // every thread has read z[target] before any overwrites it
-    if (threadIdx.x == 0) { losses[blockIdx.x] = logf(stats.sum) + stats.max - target_logit; }
+    int target = classifier_row_loss(z, stats, losses, targets);
     if (dloss == 0.0f) { return; }
-    float scale = dloss / stats.sum;
-    for (int v = threadIdx.x; v < Vp; v += blockDim.x) {
-        float g = v < V ? expf(to_float(z[v]) - stats.max) * scale - (v == target ? dloss : 0.0f) : 0.0f;
-        z[v] = from_float<floatX>(g);
-    }
+    for (int v = threadIdx.x; v < Vp; v += blockDim.x) { z[v] = from_float<floatX>(classifier_gradient(to_float(z[v]), v, V, target, stats, dloss)); }
 }
 
 // ----------------------------------------------------------------------------

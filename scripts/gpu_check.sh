@@ -61,7 +61,7 @@ fi
 if { wants train || wants bench; } && [ ! -f dev/data/tinyshakespeare/tiny_shakespeare_train.bin ]; then
     part "prepare Tiny Shakespeare" train.log python3 dev/data/prepare.py --input "$SHARED_DATA/tinyshakespeare.txt" --bpe-dir "$SHARED_DATA/gpt2"
 fi
-if { wants train || wants bench; } && [ ! -x ./train_moe ]; then
+if wants train && [ ! -x ./train_moe ]; then  # bench.sh builds it itself
     part "build train_moe (sm_90, BF16)" build.log make -s train_moe PRECISION=BF16 GPU_ARCHS=90
 fi
 # shellcheck disable=SC2317  # called through part

@@ -16,7 +16,8 @@ version 2: online softmax (Milakov and Gimelshein, 2018): one pass keeps the run
            gradient. Read twice, written once. The engine's kernel (classifier_forward_backward).
 version 3: version 2 with 16-byte loads and stores (8 bf16 or 4 fp32 logits per thread and
            access) instead of one logit; needs Vp a multiple of 8 (GPT-2's 50304 is).
-The gradient pass must read z[target] before any thread overwrites it (a barrier between).
+The three share the loss and the gradient's formula (classifier_row_loss, classifier_gradient in
+kernels/classifier.cuh): the gradient pass must read z[target] before any thread overwrites it.
 
 Checks per shape and version: the losses (forward only, dloss = 0) and the logits left exactly as
 they were; then the losses and dlogits with a loss scale, the padding exactly 0. Shapes: V below
@@ -51,16 +52,10 @@ __global__ void classifier_three_pass_kernel(floatX* logits, float* losses, cons
     float sum = 0.0f;
     for (int v = threadIdx.x; v < V; v += blockDim.x) { sum += expf(to_float(z[v]) - maxval); }
     sum = block_reduce_sum(sum, shared);
-    int target = targets[blockIdx.x];
-    float target_logit = to_float(z[target]);
-    __syncthreads();  // every thread has read z[target] before any overwrites it
-    if (threadIdx.x == 0) { losses[blockIdx.x] = logf(sum) + maxval - target_logit; }
+    SoftmaxStats stats = {maxval, sum};
+    int target = classifier_row_loss(z, stats, losses, targets);
     if (dloss == 0.0f) { return; }
-    float scale = dloss / sum;
-    for (int v = threadIdx.x; v < Vp; v += blockDim.x) {
-        float g = v < V ? expf(to_float(z[v]) - maxval) * scale - (v == target ? dloss : 0.0f) : 0.0f;
-        z[v] = from_float<floatX>(g);
-    }
+    for (int v = threadIdx.x; v < Vp; v += blockDim.x) { z[v] = from_float<floatX>(classifier_gradient(to_float(z[v]), v, V, target, stats, dloss)); }
 }
 
 // ----------------------------------------------------------------------------
@@ -83,20 +78,12 @@ __global__ void classifier_packed_kernel(floatX* logits, float* losses, const in
         for (int i = 0; i < PACK && v0 + i < V; i++) { stats = softmax_add(stats, to_float(p.x[i])); }
     }
     stats = block_reduce_softmax(stats, shared);
-    int target = targets[blockIdx.x];
-    float target_logit = to_float(z[target]);
-    __syncthreads();  // every thread has read z[target] before any overwrites it
-    if (threadIdx.x == 0) { losses[blockIdx.x] = logf(stats.sum) + stats.max - target_logit; }
+    int target = classifier_row_loss(z, stats, losses, targets);
     if (dloss == 0.0f) { return; }
-    float scale = dloss / stats.sum;
     for (int v0 = threadIdx.x * PACK; v0 < Vp; v0 += blockDim.x * PACK) {
         Pack p;
         p.bits = *reinterpret_cast<const int4*>(z + v0);
-        for (int i = 0; i < PACK; i++) {
-            int v = v0 + i;
-            float g = v < V ? expf(to_float(p.x[i]) - stats.max) * scale - (v == target ? dloss : 0.0f) : 0.0f;
-            p.x[i] = from_float<floatX>(g);
-        }
+        for (int i = 0; i < PACK; i++) { p.x[i] = from_float<floatX>(classifier_gradient(to_float(p.x[i]), v0 + i, V, target, stats, dloss)); }
         *reinterpret_cast<int4*>(z + v0) = p.bits;
     }
 }
