@@ -36,14 +36,15 @@ static void* cublaslt_workspace = NULL;
 // ----------------------------------------------------------------------------
 // CUDA kernels
 
-// partial column sums of dout (N, OC) over BIAS_ROWS_PER_BLOCK rows: partials (blocks, OC)
+// partial column sums of dout (N, OC) over BIAS_ROWS_PER_BLOCK rows: partials (blocks, OC). The
+// row blocks are gridDim.x (up to 2^31 - 1; gridDim.y would stop at 65535 x 64 rows).
 __global__ void column_partials_kernel(float* partials, const floatX* dout, int N, int OC) {
-    int first = blockIdx.y * BIAS_ROWS_PER_BLOCK, last = min(first + BIAS_ROWS_PER_BLOCK, N);
-    int j = blockIdx.x * blockDim.x + threadIdx.x;
+    int first = blockIdx.x * BIAS_ROWS_PER_BLOCK, last = min(first + BIAS_ROWS_PER_BLOCK, N);
+    int j = blockIdx.y * blockDim.x + threadIdx.x;
     if (j >= OC) { return; }
     float s = 0.0f;
     for (int i = first; i < last; i++) { s += to_float(dout[(size_t)i * OC + j]); }
-    partials[(size_t)blockIdx.y * OC + j] = s;
+    partials[(size_t)blockIdx.x * OC + j] = s;
 }
 
 // out (N, OC) += bias (OC), for a bias the epilogue cannot take
@@ -147,7 +148,7 @@ static void matmul_backward(floatX* dinp, float* dweight, float* dbias, float* s
     cublaslt_matmul(dweight, CUDA_R_32F, C, inp, false, C, dout, true, OC, C, OC, N, NULL, 1.0f, stream);
     if (dbias) {
         int blocks = ceil_div_int(N, BIAS_ROWS_PER_BLOCK);
-        column_partials_kernel<<<dim3(ceil_div_int(OC, 256), blocks), 256, 0, stream>>>(scratch, dout, N, OC);
+        column_partials_kernel<<<dim3(blocks, ceil_div_int(OC, 256)), 256, 0, stream>>>(scratch, dout, N, OC);
         cudaCheckLaunch();
         column_sum_kernel<<<ceil_div_int(OC, 256), 256, 0, stream>>>(dbias, scratch, blocks, OC);
         cudaCheckLaunch();

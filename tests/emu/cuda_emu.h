@@ -32,6 +32,13 @@ What is emulated, faithfully enough for the kernels' logic:
     block that reads what another block of the launch writes), happen in one order in one run
     and in the other order in the other, so a race that changes the result fails a check in one
     of the two runs (tests/emu/run.sh runs both).
+  - memory errors, with g++'s sanitizers (tests/emu/run.sh builds with them): cudaMalloc and
+    the dynamic shared memory are allocations of exactly the bytes asked for, static __shared__
+    arrays are globals, so AddressSanitizer reports an access past any of them or to freed
+    memory, as compute-sanitizer's memcheck does on a GPU (also a few bytes past a cudaMalloc,
+    where a GPU would not fault); the alignment check reports a vector load from a misaligned
+    address. The thread switches are announced to AddressSanitizer (switch_context), and the
+    scheduler's own functions are not instrumented (EMU_NOT_CHECKED).
 What is not: timing, the memory model between warps without a barrier (every write is seen at
 once), float atomics, races whose two outcomes happen to be equal. It checks what the kernels
 compute, not how fast.
@@ -49,6 +56,17 @@ compute, not how fast.
 #include <initializer_list>
 #include <vector>
 #include <algorithm>
+#if defined(__SANITIZE_ADDRESS__)  // g++ -fsanitize=address: the .memcheck builds of tests/emu/run.sh
+#include <sanitizer/common_interface_defs.h>
+#define EMU_ASAN 1
+// The scheduler's own functions are not instrumented: the frames a thread leaves behind when it
+// ends (it never returns from thread_entry) then have no redzones to go stale on a stack the
+// next block reuses, and the thread switches, shuffles, barriers and the mma arithmetic (on
+// registers only) run at full speed.
+#define EMU_NOT_CHECKED __attribute__((no_sanitize_address))
+#else
+#define EMU_NOT_CHECKED
+#endif
 
 // ----------------------------------------------------------------------------
 // qualifiers
@@ -155,6 +173,26 @@ struct Context { void* sp; };
 struct Context { ucontext_t uc; };
 #endif
 
+// Leaves the running context `from` for `to`, whose stack is `to_stack_bytes` at `to_stack`;
+// returns when something switches back to `from`. `ending`: `from` is never resumed. Under
+// AddressSanitizer every switch is announced, so that it knows which stack is in use.
+EMU_NOT_CHECKED static void switch_context(Context* from, Context* to, const void* to_stack, size_t to_stack_bytes, bool ending) {
+#if defined(EMU_ASAN)
+    void* fake_stack = NULL;
+    __sanitizer_start_switch_fiber(ending ? NULL : &fake_stack, to_stack, to_stack_bytes);
+#else
+    (void)to_stack, (void)to_stack_bytes, (void)ending;
+#endif
+#if defined(__x86_64__)
+    emu_switch(&from->sp, to->sp);
+#else
+    swapcontext(&from->uc, &to->uc);
+#endif
+#if defined(EMU_ASAN)
+    __sanitizer_finish_switch_fiber(fake_stack, NULL, NULL);
+#endif
+}
+
 struct Thread {
     Context context;
     unsigned x, y, z;
@@ -178,25 +216,45 @@ struct AsyncCopies {
 static const size_t STACK_BYTES = 128 << 10;
 static const size_t EXCHANGE_WORDS = 3;  // an mma's six 32-bit A and B registers
 
+// A std::vector whose element access the scheduler's unchecked functions can inline (g++ does
+// not inline a checked std::vector::operator[] into an EMU_NOT_CHECKED function).
+template <typename T>
+struct Array {
+    std::vector<T> storage;
+    T* p = NULL;
+    size_t n = 0;
+    void assign(size_t count, const T& value) { storage.assign(count, value); p = storage.data(); n = count; }
+    EMU_NOT_CHECKED T& operator[](size_t i) { return p[i]; }
+    EMU_NOT_CHECKED size_t size() const { return n; }
+    EMU_NOT_CHECKED T* begin() { return p; }
+    EMU_NOT_CHECKED T* end() { return p + n; }
+};
+
 struct Block {
-    std::vector<Thread> threads;
+    Array<Thread> threads;
     Context scheduler;
     int current;
-    std::vector<int> warp_live, warp_arrived;
-    std::vector<unsigned> warp_generation;
+    Array<int> warp_live, warp_arrived;
+    Array<unsigned> warp_generation;
     int block_live, block_arrived;
     unsigned block_generation;
-    std::vector<uint64_t> exchange;  // per thread two slots of EXCHANGE_WORDS, used in turn
-    std::vector<AsyncCopies> async_copies;  // per thread
-    std::vector<unsigned char> dynamic_shared;
+    Array<uint64_t> exchange;  // per thread two slots of EXCHANGE_WORDS, used in turn
+    Array<AsyncCopies> async_copies;  // per thread
+    unsigned char* dynamic_shared = NULL;  // exactly the launch's bytes (16-byte aligned), so that
+    size_t dynamic_shared_bytes = 0;       // AddressSanitizer sees an access past them
+    const void* scheduler_stack = NULL;    // the stack of the launching code, for switch_context
+    size_t scheduler_stack_bytes = 0;
+    bool started_by_scheduler = false;     // the fresh thread about to run was started by run_block
     const std::function<void()>* body;
     char* stacks = NULL;
     size_t stacks_for = 0;
 };
 static Block B;
 
+EMU_NOT_CHECKED static char* thread_stack(int i) { return B.stacks + (size_t)i * STACK_BYTES; }
+
 // EMU_ORDER=reverse: threads and blocks run from the last one down (races, see the top of the file)
-static bool reverse_order() {
+EMU_NOT_CHECKED static bool reverse_order() {
     static const int reverse = [] {
         const char* order = getenv("EMU_ORDER");
         if (order == NULL || strcmp(order, "forward") == 0) { return 0; }
@@ -206,7 +264,7 @@ static bool reverse_order() {
     return reverse;
 }
 
-static Thread& me() { return B.threads[B.current]; }
+EMU_NOT_CHECKED static Thread& me() { return B.threads[B.current]; }
 
 static unsigned long long block_serial;  // counts the blocks run, across launches
 
@@ -229,12 +287,12 @@ static void shared_at_block_start(void* variable, size_t bytes) {
     memset(variable, 0xFF, bytes);
 }
 
-static bool runnable(const Thread& t);
+EMU_NOT_CHECKED static bool runnable(const Thread& t);
 
 // Runs the first runnable thread from `first` on (downwards in reverse order), round robin,
 // which may be the current one; the scheduler when every thread has ended. A live thread that
 // cannot run while none can is a barrier that some threads never reach.
-static void switch_from(int first) {
+EMU_NOT_CHECKED static void switch_from(int first) {
     int n = (int)B.threads.size(), from = B.current;
     int direction = reverse_order() ? n - 1 : 1;  // + (n - 1) is - 1 modulo n
     for (int step = 0; step < n; step++) {
@@ -245,25 +303,17 @@ static void switch_from(int first) {
         B.current = i;
         threadIdx = dim3(t.x, t.y, t.z);
         if (i == from) { return; }
-#if defined(__x86_64__)
-        emu_switch(&B.threads[from].context.sp, t.context.sp);
-#else
-        swapcontext(&B.threads[from].context.uc, &t.context.uc);
-#endif
+        switch_context(&B.threads[from].context, &t.context, thread_stack(i), STACK_BYTES, B.threads[from].wait == DONE);
         return;
     }
     for (const Thread& t : B.threads) {
         if (t.wait != DONE) { fail("deadlock: some threads wait at a barrier that others never reach"); }
     }
-#if defined(__x86_64__)
-    emu_switch(&B.threads[from].context.sp, B.scheduler.sp);
-#else
-    swapcontext(&B.threads[from].context.uc, &B.scheduler.uc);
-#endif
+    switch_context(&B.threads[from].context, &B.scheduler, B.scheduler_stack, B.scheduler_stack_bytes, true);
 }
 
 // The current thread stops at a barrier or ends: the next one in order runs.
-static void switch_to_next() {
+EMU_NOT_CHECKED static void switch_to_next() {
     int n = (int)B.threads.size();
     switch_from(reverse_order() ? (B.current + n - 1) % n : (B.current + 1) % n);
 }
@@ -271,11 +321,11 @@ static void switch_to_next() {
 // The current thread completed a barrier: the threads it releases, itself included, start again
 // from the group's first one (its last one in reverse order), so that between two barriers they
 // always run in ascending (descending) order, whichever arrived last.
-static void restart_group(int lowest, int highest) {
+EMU_NOT_CHECKED static void restart_group(int lowest, int highest) {
     switch_from(reverse_order() ? highest : lowest);
 }
 
-static void warp_barrier() {
+EMU_NOT_CHECKED static void warp_barrier() {
     Thread& t = me();
     unsigned g = B.warp_generation[t.warp];
     if (++B.warp_arrived[t.warp] == B.warp_live[t.warp]) {
@@ -290,7 +340,7 @@ static void warp_barrier() {
     switch_to_next();
 }
 
-static void block_barrier() {
+EMU_NOT_CHECKED static void block_barrier() {
     Thread& t = me();
     unsigned g = B.block_generation;
     if (++B.block_arrived == B.block_live) {
@@ -304,7 +354,19 @@ static void block_barrier() {
     switch_to_next();
 }
 
-static void thread_entry() {
+EMU_NOT_CHECKED static void thread_entry() {
+#if defined(EMU_ASAN)
+    // the first run of a thread: finish the switch that started it, learning the launching
+    // code's stack when that is what it came from
+    const void* from_stack;
+    size_t from_stack_bytes;
+    __sanitizer_finish_switch_fiber(NULL, &from_stack, &from_stack_bytes);
+    if (B.started_by_scheduler) {
+        B.scheduler_stack = from_stack;
+        B.scheduler_stack_bytes = from_stack_bytes;
+        B.started_by_scheduler = false;
+    }
+#endif
     (*B.body)();
     Thread& t = me();
     t.wait = DONE;
@@ -339,7 +401,7 @@ static void make_context(Thread& t, char* stack) {
 #endif
 }
 
-static bool runnable(const Thread& t) {
+EMU_NOT_CHECKED static bool runnable(const Thread& t) {
     switch (t.wait) {
         case RUNNING: return true;
         case AT_WARP_BARRIER: return B.warp_generation[t.warp] != t.generation;
@@ -360,7 +422,10 @@ static void run_block(unsigned bx, unsigned by, unsigned bz, size_t shared_bytes
     B.block_generation = 0;
     B.exchange.assign(2 * (size_t)n * EXCHANGE_WORDS, 0);
     B.async_copies.assign(n, AsyncCopies());
-    B.dynamic_shared.assign(shared_bytes + 16, 0xFF);
+    free(B.dynamic_shared);
+    B.dynamic_shared_bytes = shared_bytes;
+    if (posix_memalign((void**)&B.dynamic_shared, 16, std::max<size_t>(shared_bytes, 1)) != 0) { fail("cannot allocate the shared memory"); }
+    memset(B.dynamic_shared, 0xFF, shared_bytes);
     if (B.stacks_for < (size_t)n) {
         if (B.stacks) { munmap(B.stacks, B.stacks_for * STACK_BYTES); }
         B.stacks = (char*)mmap(NULL, (size_t)n * STACK_BYTES, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
@@ -378,18 +443,15 @@ static void run_block(unsigned bx, unsigned by, unsigned bz, size_t shared_bytes
         t.wait = RUNNING;
         t.exchanges = 0;
         B.warp_live[t.warp]++;
-        make_context(t, B.stacks + (size_t)i * STACK_BYTES);
+        make_context(t, thread_stack(i));
     }
     // thread 0 starts (the last one in reverse order); from then on the threads hand over to
     // each other (switch_to_next) and the last one to end comes back here
     B.current = reverse_order() ? n - 1 : 0;
     Thread& first = B.threads[B.current];
     threadIdx = dim3(first.x, first.y, first.z);
-#if defined(__x86_64__)
-    emu_switch(&B.scheduler.sp, first.context.sp);
-#else
-    swapcontext(&B.scheduler.uc, &first.context.uc);
-#endif
+    B.started_by_scheduler = true;
+    switch_context(&B.scheduler, &first.context, thread_stack(B.current), STACK_BYTES, false);
 }
 
 // Runs body as every thread of every block of the grid, one block after another (from the last
@@ -414,7 +476,7 @@ static void launch(dim3 grid, dim3 block, size_t shared_bytes, const std::functi
 // warp's 32 lanes (EXCHANGE_WORDS apart; a lane past the block's last thread reads zeros).
 // Consecutive exchanges use alternate slots: a lane cannot write a slot again before every lane
 // has passed the barrier of the exchange in between, so one barrier per exchange is enough.
-static const uint64_t* warp_exchange(const uint64_t* words, size_t count) {
+EMU_NOT_CHECKED static const uint64_t* warp_exchange(const uint64_t* words, size_t count) {
     Thread& t = me();
     size_t n = B.threads.size(), parity = (t.exchanges++ & 1) * n * EXCHANGE_WORDS;
     memcpy(&B.exchange[parity + B.current * EXCHANGE_WORDS], words, count * sizeof(uint64_t));
@@ -423,7 +485,7 @@ static const uint64_t* warp_exchange(const uint64_t* words, size_t count) {
 }
 
 template <typename T>
-static T shuffle(T v, int source_lane) {
+EMU_NOT_CHECKED static T shuffle(T v, int source_lane) {
     static_assert(sizeof(T) <= 8, "shuffle of more than 8 bytes");
     uint64_t bits = 0;
     memcpy(&bits, &v, sizeof(T));
@@ -450,8 +512,8 @@ template <typename T> static Operand in(T x) {
     return o;
 }
 
-static unsigned char* shared_base() { return (unsigned char*)(((uintptr_t)B.dynamic_shared.data() + 15) & ~(uintptr_t)15); }
-static size_t shared_size() { return B.dynamic_shared.size() - (shared_base() - B.dynamic_shared.data()); }
+static unsigned char* shared_base() { return B.dynamic_shared; }
+static size_t shared_size() { return B.dynamic_shared_bytes; }
 
 // the shared-space address of p: its offset in the block's dynamic shared memory
 static uint32_t shared_address(const void* p) {
@@ -499,7 +561,7 @@ static void ldmatrix_x4(const Operand* ops, bool trans) {
     }
 }
 
-static float bf16_half(uint32_t reg, int high) {
+EMU_NOT_CHECKED static float bf16_half(uint32_t reg, int high) {
     uint32_t u = high ? (reg & 0xFFFF0000u) : (reg << 16);
     float f;
     memcpy(&f, &u, 4);
@@ -509,7 +571,7 @@ static float bf16_half(uint32_t reg, int high) {
 // mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 with D = C: every lane gives its A and B
 // registers; each rebuilds A (16 x 16) and B (16 x 8) and computes its four D elements (layouts in
 // kernels/mma.cuh), adding the 16 exact products to C in k order
-static void mma_m16n8k16_bf16(const Operand* ops) {
+EMU_NOT_CHECKED static void mma_m16n8k16_bf16(const Operand* ops) {
     if (!whole_warp()) { fail("mma.sync by a warp with exited threads"); }
     uint64_t mine[EXCHANGE_WORDS] = {ops[4].value | (ops[5].value << 32), ops[6].value | (ops[7].value << 32), ops[8].value | (ops[9].value << 32)};
     const uint64_t* slots = warp_exchange(mine, EXCHANGE_WORDS);
@@ -576,9 +638,12 @@ static void cp_async_wait(int pending) {
     q.issued.erase(q.issued.begin(), q.issued.begin() + done);
 }
 
-static bool starts_with(const char* s, const char* prefix) { return strncmp(s, prefix, strlen(prefix)) == 0; }
+EMU_NOT_CHECKED static bool starts_with(const char* s, const char* prefix) {
+    while (*prefix && *s == *prefix) { s++, prefix++; }
+    return *prefix == 0;
+}
 
-static void ptx(const char* text, std::initializer_list<Operand> operands) {
+EMU_NOT_CHECKED static void ptx(const char* text, std::initializer_list<Operand> operands) {
     const Operand* ops = operands.begin();
     if (starts_with(text, "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 ") && operands.size() == 10) {
         mma_m16n8k16_bf16(ops);
@@ -636,8 +701,9 @@ struct cudaDeviceProp {
 static inline const char* cudaGetErrorString(cudaError_t) { return "emulated CUDA error"; }
 static inline cudaError_t cudaGetLastError() { return cudaSuccess; }
 static inline cudaError_t cudaMalloc(void** p, size_t bytes) {
-    *p = aligned_alloc(256, std::max<size_t>(256, (bytes + 255) / 256 * 256));  // 256-byte aligned, as cudaMalloc
-    if (!*p) { return 2; }
+    // 256-byte aligned, as cudaMalloc; exactly `bytes` long, so that AddressSanitizer sees an
+    // access past the end even where a GPU would not fault (compute-sanitizer's memcheck would)
+    if (posix_memalign(p, 256, std::max<size_t>(bytes, 1)) != 0) { *p = NULL; return cudaErrorMemoryAllocation; }
     memset(*p, 0xFF, bytes);  // fresh device memory is not zero: NaN shows a read before a write
     return cudaSuccess;
 }

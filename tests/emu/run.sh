@@ -8,6 +8,13 @@
 # (EMU_ORDER=reverse, checks prefixed "emu.reverse."), so that a race (a missing __syncthreads or
 # __syncwarp) that changes a result fails in one of the two orders (see tests/emu/cuda_emu.h),
 # and each run's check lines, the errors they print included, must be equal in both orders.
+# The forward-order runs use builds with AddressSanitizer and -fsanitize=undefined's alignment
+# and bounds checks (NAME_PRECISION.memcheck), the CPU's counterpart of compute-sanitizer's
+# memcheck: a kernel that reads or writes past a cudaMalloc, its shared memory or a freed buffer,
+# or loads a vector from a misaligned address, stops with the sanitizer's report, which fails
+# its check (tests/emu/sanitize.cu checks that each kind is caught). The reverse-order runs use
+# plain builds, about twice as fast; the memory accesses are the same in both orders.
+# EMU_SANITIZE=0 skips the sanitized builds (both orders plain: faster, for a quick look).
 # Called by tests/run_tests.sh with its temporary folder (NAME.state, NAME.options, dense.bin,
 # shard.bin). Every check is prefixed "emu." so that it is never mistaken for a check on a GPU.
 set -u
@@ -16,6 +23,13 @@ STATES=$1
 OUT=$STATES/emu
 mkdir -p "$OUT"
 CXX=${CXX:-g++}
+SANITIZE_FLAGS=""
+if [ "${EMU_SANITIZE:-1}" = 1 ]; then
+    SANITIZE_FLAGS="-fsanitize=address,alignment,bounds,shift,signed-integer-overflow,integer-divide-by-zero,vla-bound,return,bool,enum"
+    SANITIZE_FLAGS="$SANITIZE_FLAGS -fno-sanitize-recover=all -fno-omit-frame-pointer -g1"
+    # leaks are not kernel errors (the test programs exit with buffers allocated)
+    export ASAN_OPTIONS=detect_leaks=0 UBSAN_OPTIONS=print_stacktrace=1
+fi
 if ! ${PYTHON_ANY:-python3} tests/emu/translate.py . "$OUT/src" > "$OUT/build.log" 2>&1; then
     cat "$OUT/build.log"
     echo "FAIL emu.build: tests/emu/translate.py failed"
@@ -27,27 +41,38 @@ GEOMETRY="-b 4 -t 16"
 JOBS=${JOBS:-$(nproc)}
 throttle() { while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n; done; }
 
-# build NAME SOURCE PRECISION: the translated SOURCE into $OUT/NAME_PRECISION, log in
-# $OUT/NAME_PRECISION.build. CUDA code reads bf16 pairs through uint32_t pointers, which nvcc
-# allows: no strict aliasing for g++ either.
+# build NAME SOURCE PRECISION [memcheck]: the translated SOURCE into $OUT/NAME_PRECISION (with
+# "memcheck": NAME_PRECISION.memcheck, sanitized), log in the same name plus .build. CUDA code
+# reads bf16 pairs through uint32_t pointers, which nvcc allows: no strict aliasing for g++ either.
 build() {
-    local name=$1 source=$2 precision=$3
-    local flags
+    local name=$1 source=$2 precision=$3 kind=${4:-}
+    local flags binary=$OUT/${name}_$precision
     flags=$([ "$precision" = FP32 ] && echo "-DENABLE_FP32" || echo "")
+    if [ "$kind" = memcheck ]; then
+        flags="$flags $SANITIZE_FLAGS"
+        binary=$binary.memcheck
+    fi
     # shellcheck disable=SC2086
-    $CXX -x c++ -std=c++17 -O2 -fno-strict-aliasing -w -fopenmp $flags -include "$PWD/tests/emu/cuda_emu.h" -o "$OUT/${name}_$precision" \
-        "$OUT/src/$source" > "$OUT/${name}_$precision.build" 2>&1
+    $CXX -x c++ -std=c++17 -O2 -fno-strict-aliasing -w -fopenmp $flags -include "$PWD/tests/emu/cuda_emu.h" \
+        -o "$binary" "$OUT/src/$source" > "$binary.build" 2>&1
 }
-# report_build NAME PRECISION: its PASS or FAIL line; fails (status 1) when it did not build
+# binary NAME PRECISION ORDER: the build that ORDER's runs use
+binary() {
+    if [ "$3" = forward ] && [ -n "$SANITIZE_FLAGS" ]; then echo "$OUT/${1}_$2.memcheck"; else echo "$OUT/${1}_$2"; fi
+}
+# report_build NAME PRECISION: the PASS or FAIL line of each of its builds
 report_build() {
     local name=$1 precision=$2
-    if [ -x "$OUT/${name}_$precision" ]; then
-        echo "PASS emu.build[$name $precision]: for the CPU emulation of CUDA"
-        return 0
-    fi
-    tail -n 20 "$OUT/${name}_$precision.build"
-    echo "FAIL emu.build[$name $precision]: the translated sources did not build"
-    return 1
+    local binary label
+    for binary in "$OUT/${name}_$precision" ${SANITIZE_FLAGS:+"$OUT/${name}_$precision.memcheck"}; do
+        label="$name $precision$([ "${binary%.memcheck}" != "$binary" ] && echo ", sanitized")"
+        if [ -x "$binary" ]; then
+            echo "PASS emu.build[$label]: for the CPU emulation of CUDA"
+        else
+            tail -n 20 "$binary.build"
+            echo "FAIL emu.build[$label]: the translated sources did not build"
+        fi
+    done
 }
 # run ORDER LOG command...: runs it with the threads in ORDER (forward or reverse) and one OpenMP
 # thread (the jobs already fill the cores), its output and exit status in LOG and LOG.rc
@@ -56,23 +81,41 @@ run() {
     EMU_ORDER=$order OMP_NUM_THREADS=1 "$@" > "$log" 2>&1
     echo $? > "$log.rc"
 }
-# report LOG PREFIX NAME: LOG's check lines, prefixed; a crash without a FAIL line is a FAIL
+# sanitizer_report LOG: the first line of a sanitizer's report in LOG, if any
+sanitizer_report() { grep -m 1 -E 'ERROR: AddressSanitizer|runtime error:' "$1" | cut -c1-300; }
+# report LOG PREFIX NAME: LOG's check lines, prefixed; a crash without a FAIL line, or a
+# sanitizer's report, is a FAIL
 report() {
     local log=$1 prefix=$2 name=$3
     grep -E '^(PASS|FAIL) ' "$log" | sed -E "s/^(PASS|FAIL) /\1 $prefix/"
-    local rc
+    local rc sanitizer
     rc=$(cat "$log.rc" 2>/dev/null || echo "?")
-    if [ "$rc" != 0 ] && ! grep -q '^FAIL ' "$log"; then
+    sanitizer=$(sanitizer_report "$log")
+    if [ -n "$sanitizer" ]; then
+        echo "FAIL $name: stopped by the sanitizer (exit status $rc): $sanitizer"
+    elif [ "$rc" != 0 ] && ! grep -q '^FAIL ' "$log"; then
         echo "FAIL $name: exit status $rc: $(tail -n 3 "$log" | tr '\n' ' ')"
     fi
 }
 
 STUDIES=$(for study in "$OUT"/src/dev/cuda/*.cu; do basename "$study" .cu; done)
-rm -f "$OUT"/*_FP32 "$OUT"/*_BF16 "$OUT"/*.out "$OUT"/*.out.rc "$OUT"/races
+rm -f "$OUT"/*_FP32 "$OUT"/*_BF16 "$OUT"/*.memcheck "$OUT"/*.out "$OUT"/*.out.rc "$OUT"/races "$OUT"/sanitize
 $CXX -x c++ -std=c++17 -O2 -w -include "$PWD/tests/emu/cuda_emu.h" -o "$OUT/races" "$OUT/src/tests/emu/races.cu" > "$OUT/races.build" 2>&1 &
-for precision in FP32 BF16; do
-    throttle; build test_moe test_moe.cu $precision &
-    for name in $STUDIES; do throttle; build "$name" "dev/cuda/$name.cu" $precision & done
+if [ -n "$SANITIZE_FLAGS" ]; then
+    # shellcheck disable=SC2086
+    $CXX -x c++ -std=c++17 -O2 -w $SANITIZE_FLAGS -include "$PWD/tests/emu/cuda_emu.h" -o "$OUT/sanitize" "$OUT/src/tests/emu/sanitize.cu" \
+        > "$OUT/sanitize.build" 2>&1 &
+fi
+# the longest builds first
+for kind in ${SANITIZE_FLAGS:+memcheck} plain; do
+    for precision in FP32 BF16; do
+        throttle; build test_moe test_moe.cu $precision "$kind" &
+    done
+done
+for kind in ${SANITIZE_FLAGS:+memcheck} plain; do
+    for precision in FP32 BF16; do
+        for name in $STUDIES; do throttle; build "$name" "dev/cuda/$name.cu" $precision "$kind" & done
+    done
 done
 wait
 
@@ -117,13 +160,42 @@ races_found() {
     [ -s "$OUT/races.forward" ] || echo "FAIL emu.races: no output: $(tail -n 3 "$OUT/races.reverse")"
 }
 
+# sanitizer_found: the emulation's own check (tests/emu/sanitize.cu) that the sanitized builds
+# report each kind of memory error, and nothing where there is none
+sanitizer_found() {
+    if [ -z "$SANITIZE_FLAGS" ]; then
+        echo "SKIP emu.sanitize: EMU_SANITIZE=0, the emulated kernels were not checked for memory errors"
+        return
+    fi
+    if [ ! -x "$OUT/sanitize" ]; then
+        tail -n 20 "$OUT/sanitize.build"
+        echo "FAIL emu.sanitize: tests/emu/sanitize.cu did not build"
+        return
+    fi
+    local name words log rc found
+    while IFS=: read -r name words; do
+        log=$OUT/sanitize.$name
+        "$OUT/sanitize" "$name" > "$log" 2>&1
+        rc=$?
+        found=$(sanitizer_report "$log")
+        if [ "$name" = clean ] && [ "$rc" = 0 ] && [ -z "$found" ]; then
+            echo "PASS emu.sanitize[clean]: in-bounds, aligned accesses run without a report"
+        elif [ "$name" != clean ] && [ "$rc" != 0 ] && grep -q -F "$words" "$log"; then
+            echo "PASS emu.sanitize[$name]: stopped with \"$words\" in the report"
+        else
+            echo "FAIL emu.sanitize[$name]: exit status $rc, expected ${words:-no report}: ${found:-$(tail -n 2 "$log" | tr '\n' ' ')}"
+        fi
+    done < <("$OUT/sanitize" list)
+    [ -n "$("$OUT/sanitize" list)" ] || echo "FAIL emu.sanitize: no cases listed"
+}
+
 ORDERS="forward reverse"
 # the log and check prefix of each order's runs
 tag() { [ "$1" = forward ] && echo "" || echo ".$1"; }
 prefix() { [ "$1" = forward ] && echo "emu." || echo "emu.$1."; }
 for order in $ORDERS; do
     for precision in FP32 BF16; do
-        bin=$OUT/test_moe_$precision
+        bin=$(binary test_moe "$precision" "$order")
         t=$(tag "$order")
         if [ -x "$bin" ]; then
             for options_file in "$STATES"/*.options; do
@@ -136,23 +208,25 @@ for order in $ORDERS; do
             throttle; run "$order" "$OUT/invariants.$precision$t.out" "$bin" invariants "$STATES/dense.bin" "$STATES/shard.bin" &
         fi
         for name in $STUDIES; do
-            [ -x "$OUT/${name}_$precision" ] || continue
-            throttle; run "$order" "$OUT/dev_cuda_$name.$precision$t.out" "$OUT/${name}_$precision" 0 --quick &
+            study=$(binary "$name" "$precision" "$order")
+            [ -x "$study" ] || continue
+            throttle; run "$order" "$OUT/dev_cuda_$name.$precision$t.out" "$study" 0 --quick &
         done
     done
 done
 wait
 
 races_found
+sanitizer_found
 for precision in FP32 BF16; do
-    report_build test_moe $precision || true
-    for name in $STUDIES; do report_build "$name" $precision || true; done
+    report_build test_moe $precision
+    for name in $STUDIES; do report_build "$name" $precision; done
 done
 for order in $ORDERS; do
     t=$(tag "$order")
     p=$(prefix "$order")
     for precision in FP32 BF16; do
-        if [ -x "$OUT/test_moe_$precision" ]; then
+        if [ -x "$(binary test_moe "$precision" "$order")" ]; then
             for options_file in "$STATES"/*.options; do
                 name=$(basename "$options_file" .options)
                 # test_moe's own SKIP lines (BF16 reports) pass through, not counted
@@ -168,7 +242,7 @@ for order in $ORDERS; do
         fi
         for name in $STUDIES; do
             # the study's own SKIP lines (a version not built for this precision) are not checks
-            [ -x "$OUT/${name}_$precision" ] && report "$OUT/dev_cuda_$name.$precision$t.out" "${p}dev_cuda.$name.$precision: " "${p}dev_cuda.$name.$precision"
+            [ -x "$(binary "$name" "$precision" "$order")" ] && report "$OUT/dev_cuda_$name.$precision$t.out" "${p}dev_cuda.$name.$precision: " "${p}dev_cuda.$name.$precision"
         done
     done
 done

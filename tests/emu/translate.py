@@ -3,7 +3,7 @@
 (the CPU emulation of CUDA). The product's files are not touched: the rewritten copies go to OUT.
 
     translate.py ROOT OUT      # copies train_moe.cu, test_moe.cu, kernels/, common/, tests/test_common.h,
-                               # train_moe_cpu.cpp, the kernel studies of dev/cuda and tests/emu/races.cu
+                               # train_moe_cpu.cpp, the kernel studies of dev/cuda and tests/emu/{races,sanitize}.cu
 
 Rewrites, in .cu and .cuh files only:
   kernel<<<grid, block[, shared[, stream]]>>>(args)  ->  emu::launch(dim3(grid), dim3(block), shared, [&]() { kernel(args); })
@@ -143,7 +143,7 @@ def translate(text):
 
 def main():
     root, out = sys.argv[1], sys.argv[2]
-    files = ['train_moe.cu', 'test_moe.cu', 'tests/test_common.h', 'train_moe_cpu.cpp', 'tests/emu/races.cu']
+    files = ['train_moe.cu', 'test_moe.cu', 'tests/test_common.h', 'train_moe_cpu.cpp', 'tests/emu/races.cu', 'tests/emu/sanitize.cu']
     for folder in ('kernels', 'common', 'dev/cuda'):
         files += [os.path.join(folder, f) for f in sorted(os.listdir(os.path.join(root, folder)))
                   if f.endswith(('.cu', '.cuh', '.h'))]

@@ -1,0 +1,107 @@
+/*
+The emulation's own check that its sanitized builds (tests/emu/run.sh, g++ -fsanitize=address
+and the alignment checks of -fsanitize=undefined) catch the memory errors compute-sanitizer's
+memcheck catches on a GPU. `sanitize list` prints each case with the words its report must
+contain; `sanitize CASE` runs one. Every case but `clean` makes one deliberate error, most of
+them ones a GPU would not fault on (a read a few bytes past a cudaMalloc, which rounds sizes up),
+so that they would otherwise go unnoticed. run.sh expects `clean` to exit 0 without a report and
+every other case to stop with its report. (Valid CUDA too: on a GPU the errors are undefined.)
+*/
+#include <cstdio>
+#include <cstring>
+#include <cuda_runtime.h>
+
+static const int THREADS = 64;
+
+// In-bounds global, static shared, dynamic shared and aligned 16-byte accesses.
+__global__ void clean(float* out, const float* in) {
+    __shared__ float tile[THREADS];
+    extern __shared__ float dynamic[];
+    tile[threadIdx.x] = in[threadIdx.x];
+    dynamic[threadIdx.x] = 2.0f * in[threadIdx.x];
+    __syncthreads();
+    int4 four = reinterpret_cast<const int4*>(in)[threadIdx.x / 4];
+    out[threadIdx.x] = tile[THREADS - 1 - threadIdx.x] + dynamic[threadIdx.x] + (float)(four.x & 1);
+}
+
+// Reads one float past the end of `in` (THREADS floats).
+__global__ void global_read_past_end(float* out, const float* in) { out[threadIdx.x] = in[threadIdx.x + 1]; }
+
+// Writes one float past the end of `out` (THREADS floats).
+__global__ void global_write_past_end(float* out, const float* in) { out[threadIdx.x + 1] = in[threadIdx.x]; }
+
+// Writes one float past the dynamic shared memory (THREADS floats).
+__global__ void dynamic_shared_past_end(float* out, const float* in) {
+    extern __shared__ float dynamic[];
+    dynamic[threadIdx.x + 1] = in[threadIdx.x];
+    __syncthreads();
+    out[threadIdx.x] = dynamic[threadIdx.x];
+}
+
+// Reads one float past a static shared array, by index.
+__global__ void static_shared_past_end(float* out, const float* in) {
+    __shared__ float tile[THREADS];
+    tile[threadIdx.x] = in[threadIdx.x];
+    __syncthreads();
+    out[threadIdx.x] = tile[threadIdx.x + 1];
+}
+
+// The same through a pointer, which the index check cannot see.
+__global__ void static_shared_pointer_past_end(float* out, const float* in) {
+    __shared__ float tile[THREADS];
+    tile[threadIdx.x] = in[threadIdx.x];
+    __syncthreads();
+    const float* row = tile + threadIdx.x;
+    out[threadIdx.x] = row[1];
+}
+
+// A 16-byte load from an address 4 bytes past a 16-byte boundary (on a GPU: misaligned address).
+__global__ void misaligned_vector_load(float* out, const float* in) {
+    if (threadIdx.x != 0) { return; }
+    int4 four = *reinterpret_cast<const int4*>(in + 1);
+    out[0] = (float)four.x;
+}
+
+struct Case {
+    const char* name;
+    const char* report;  // words the sanitizer's report must contain
+    void (*kernel)(float*, const float*);
+};
+static const Case CASES[] = {
+    {"clean", "", clean},
+    {"global_read_past_end", "heap-buffer-overflow", global_read_past_end},
+    {"global_write_past_end", "heap-buffer-overflow", global_write_past_end},
+    {"dynamic_shared_past_end", "heap-buffer-overflow", dynamic_shared_past_end},
+    {"static_shared_past_end", "out of bounds", static_shared_past_end},
+    {"static_shared_pointer_past_end", "global-buffer-overflow", static_shared_pointer_past_end},
+    {"misaligned_vector_load", "misaligned address", misaligned_vector_load},
+    {"read_after_free", "heap-use-after-free", global_read_past_end},  // with `in` freed first
+};
+
+int main(int argc, char** argv) {
+    if (argc != 2) {
+        fprintf(stderr, "usage: sanitize list | sanitize CASE\n");
+        return 2;
+    }
+    if (strcmp(argv[1], "list") == 0) {
+        for (const Case& c : CASES) { printf("%s:%s\n", c.name, c.report); }
+        return 0;
+    }
+    for (const Case& c : CASES) {
+        if (strcmp(argv[1], c.name) != 0) { continue; }
+        float *d_out, *d_in;
+        cudaMalloc(&d_out, THREADS * sizeof(float));
+        cudaMalloc(&d_in, THREADS * sizeof(float));
+        cudaMemset(d_in, 0, THREADS * sizeof(float));
+        if (strcmp(c.name, "read_after_free") == 0) { cudaFree(d_in); }
+        void (*kernel)(float*, const float*) = c.kernel;
+        kernel<<<1, THREADS, THREADS * sizeof(float)>>>(d_out, d_in);
+        cudaDeviceSynchronize();
+        float host[THREADS];
+        cudaMemcpy(host, d_out, sizeof(host), cudaMemcpyDeviceToHost);
+        printf("%s: ran, out[0] = %g\n", c.name, host[0]);
+        return 0;
+    }
+    fprintf(stderr, "sanitize: no case %s\n", argv[1]);
+    return 2;
+}
