@@ -11,8 +11,12 @@ What is emulated, faithfully enough for the kernels' logic:
     values between the 32 lanes of a warp through a barrier;
   - __shared__ memory is per block (function statics, since blocks run one at a time), filled
     with 0xFF bytes (NaN) at every block, static and dynamic alike, so reading it before writing
-    shows up; launch limits (1024 threads, grid dimensions, shared memory) are checked;
-  - the runtime API (memory, copies, streams, events) runs synchronously on host memory;
+    shows up; launch limits (1024 threads, grid dimensions, shared memory, and more than 48 KiB
+    of dynamic shared memory only after cudaFuncSetAttribute for that kernel) are checked;
+  - the runtime API (memory, copies, streams, events) runs synchronously on host memory; every
+    cudaMalloc is in a table, so a copy or memset that runs past the allocation it starts in is
+    an error, and the total is held to the device's size (EMU_DEVICE_GIB, default 80: an H100;
+    cudaMemGetInfo reports it, and cudaMalloc fails past it as on a GPU);
   - cuBLASLt's matmul (the calls kernels/matmul.cuh makes: column-major layouts, transposes,
     leading dimensions, beta, the bias epilogue, fp32 or bf16 operands) in plain loops, with
     its alignment contract: an operand less aligned than the preference's minimum (256 bytes
@@ -39,6 +43,9 @@ What is emulated, faithfully enough for the kernels' logic:
     where a GPU would not fault); the alignment check reports a vector load from a misaligned
     address. The thread switches are announced to AddressSanitizer (switch_context), and the
     scheduler's own functions are not instrumented (EMU_NOT_CHECKED).
+  - full-size runs, sampled (EMU_SAMPLE=1): a launch of more than 64 blocks runs only its last
+    block, the device memory is mapped but untouched, cuBLASLt computes two corners; see
+    sampled() below for what that checks.
 What is not: timing, the memory model between warps without a barrier (every write is seen at
 once), float atomics, races whose two outcomes happen to be equal. It checks what the kernels
 compute, not how fast.
@@ -55,6 +62,7 @@ compute, not how fast.
 #include <functional>
 #include <initializer_list>
 #include <vector>
+#include <map>
 #include <algorithm>
 #if defined(__SANITIZE_ADDRESS__)  // g++ -fsanitize=address: the .memcheck builds of tests/emu/run.sh
 #include <sanitizer/common_interface_defs.h>
@@ -454,19 +462,65 @@ static void run_block(unsigned bx, unsigned by, unsigned bz, size_t shared_bytes
     switch_context(&B.scheduler, &first.context, thread_stack(B.current), STACK_BYTES, false);
 }
 
+// EMU_SAMPLE=1: a launch of more than SAMPLE_WHOLE_BLOCKS blocks runs only its last block (the
+// largest blockIdx, so the largest indices); smaller ones (the reductions, the routing layout,
+// whose outputs later launches index with) run whole. The device memory is mapped but not
+// touched (it reads as zero), and cuBLASLt computes two corners of its output. A training step
+// at full size (T=1024, B=64, GPT-2's vocabulary) then runs in seconds and still checks what small
+// shapes cannot: the launch limits at real grid sizes, the index arithmetic of the last blocks
+// (with -fsanitize=signed-integer-overflow an int that overflows is reported), copies and
+// cuBLASLt operands inside their allocations, and the device memory the engine allocates. What
+// it computes is not checked, and the data-dependent work (expert rows: the untouched routing
+// sends every token to expert 0) is not at its full size.
+static const unsigned long long SAMPLE_WHOLE_BLOCKS = 64;
+static bool sampled() {
+    static const bool on = getenv("EMU_SAMPLE") != NULL && strcmp(getenv("EMU_SAMPLE"), "1") == 0;
+    return on;
+}
+struct LaunchCounts { unsigned long long launches = 0, blocks = 0, blocks_run = 0; };
+static LaunchCounts launch_counts;
+static void print_launch_counts() {
+    fprintf(stderr, "CUDA emulation, sampled: %llu launches, %llu of their %llu blocks run\n", launch_counts.launches,
+            launch_counts.blocks_run, launch_counts.blocks);
+}
+
+// the dynamic shared memory each kernel may use (cudaFuncSetAttribute); without it, 48 KiB
+static std::vector<std::pair<const void*, size_t>>& shared_limits() {
+    static std::vector<std::pair<const void*, size_t>> limits;
+    return limits;
+}
+static size_t shared_limit(const void* kernel) {
+    for (auto& l : shared_limits()) { if (l.first == kernel) { return l.second; } }
+    return 48 * 1024;
+}
+template <typename F> static const void* kernel_id(F* kernel) { return reinterpret_cast<const void*>(kernel); }
+
 // Runs body as every thread of every block of the grid, one block after another (from the last
-// in reverse order).
-static void launch(dim3 grid, dim3 block, size_t shared_bytes, const std::function<void()>& body) {
+// in reverse order); with EMU_SAMPLE=1, of more than SAMPLE_WHOLE_BLOCKS blocks only the last.
+static void launch(const void* kernel, dim3 grid, dim3 block, size_t shared_bytes, const std::function<void()>& body) {
     unsigned long long n = (unsigned long long)block.x * block.y * block.z;
     if (n == 0 || n > 1024 || block.z > 64) { fail("launch: invalid block size"); }
-    if (grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.y > 65535 || grid.z > 65535) { fail("launch: invalid grid size"); }
+    if (grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.x > 2147483647u || grid.y > 65535 || grid.z > 65535) {
+        char what[160];
+        snprintf(what, sizeof(what), "launch: invalid grid size (%u, %u, %u): x is at most 2^31-1, y and z at most 65535", grid.x, grid.y, grid.z);
+        fail(what);
+    }
     if (shared_bytes > 227 * 1024) { fail("launch: more dynamic shared memory than a Hopper SM has"); }
+    if (shared_bytes > shared_limit(kernel)) {
+        char what[200];
+        snprintf(what, sizeof(what), "launch: %zu bytes of dynamic shared memory, more than 48 KiB, without cudaFuncSetAttribute("
+                 "kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, >= %zu) first", shared_bytes, shared_bytes);
+        fail(what);
+    }
     B.body = &body;
     blockDim = block;
     gridDim = grid;
     unsigned long long blocks = (unsigned long long)grid.x * grid.y * grid.z;
-    for (unsigned long long b = 0; b < blocks; b++) {
+    if (sampled() && launch_counts.launches++ == 0) { atexit(print_launch_counts); }
+    launch_counts.blocks += blocks;
+    for (unsigned long long b = sampled() && blocks > SAMPLE_WHOLE_BLOCKS ? blocks - 1 : 0; b < blocks; b++) {
         unsigned long long i = reverse_order() ? blocks - 1 - b : b;
+        launch_counts.blocks_run++;
         run_block(i % grid.x, i / grid.x % grid.y, i / grid.x / grid.y, shared_bytes);
     }
 }
@@ -700,20 +754,109 @@ struct cudaDeviceProp {
 
 static inline const char* cudaGetErrorString(cudaError_t) { return "emulated CUDA error"; }
 static inline cudaError_t cudaGetLastError() { return cudaSuccess; }
+namespace emu {
+// The device memory: every cudaMalloc in a table, so that copies, memsets and cuBLASLt operands
+// are checked against the allocation they start in, and the total against the device's size
+// (EMU_DEVICE_GIB, default 80: an H100).
+struct Allocation { size_t bytes; void* mapping; size_t mapped; };
+static std::map<uintptr_t, Allocation>& allocations() {
+    static std::map<uintptr_t, Allocation> table;
+    return table;
+}
+static size_t allocated_bytes = 0;
+static size_t device_bytes() {
+    static const size_t bytes = (size_t)(getenv("EMU_DEVICE_GIB") ? atof(getenv("EMU_DEVICE_GIB")) : 80.0) * ((size_t)1 << 30);
+    return bytes;
+}
+// p .. p+n must lie in the allocation p points into (a pointer outside every allocation is host memory)
+static void check_range(const void* p, size_t n, const char* who) {
+    auto& table = allocations();
+    auto it = table.upper_bound((uintptr_t)p);
+    if (it == table.begin()) { return; }
+    --it;
+    uintptr_t start = it->first, end = start + it->second.bytes;
+    if ((uintptr_t)p >= end) { return; }
+    if ((uintptr_t)p + n > end) {
+        char what[200];
+        snprintf(what, sizeof(what), "%s: %zu bytes at offset %zu of a %zu-byte cudaMalloc, %zu past its end", who, n,
+                 (size_t)((uintptr_t)p - start), it->second.bytes, (size_t)((uintptr_t)p + n - end));
+        fail(what);
+    }
+}
+// EMU_SAMPLE=1: the memory is mapped, not touched (zero pages, no host memory until written),
+// the buffer's end as close to an inaccessible guard page as 256-byte alignment allows, and a
+// guard page before its start
+static const size_t PAGE = 4096;
+static void* map_device(size_t bytes, Allocation* a) {
+    size_t span = (bytes + PAGE - 1) / PAGE * PAGE;
+    a->mapped = span + 2 * PAGE;
+    a->mapping = mmap(NULL, a->mapped, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (a->mapping == MAP_FAILED) { return NULL; }
+    char* base = (char*)a->mapping;
+    // huge pages: a kernel that reads untouched memory reads the huge zero page, instead of
+    // taking a page fault every 4 KiB (about 10 us each on this project's machines: a sampled
+    // step took 40 s with 4 KiB pages, 0.4 s with huge pages)
+    madvise(base, a->mapped, MADV_HUGEPAGE);
+    mprotect(base, PAGE, PROT_NONE);
+    mprotect(base + PAGE + span, PAGE, PROT_NONE);
+    return base + PAGE + ((span - bytes) & ~(size_t)255);
+}
+}  // namespace emu
+
 static inline cudaError_t cudaMalloc(void** p, size_t bytes) {
-    // 256-byte aligned, as cudaMalloc; exactly `bytes` long, so that AddressSanitizer sees an
-    // access past the end even where a GPU would not fault (compute-sanitizer's memcheck would)
-    if (posix_memalign(p, 256, std::max<size_t>(bytes, 1)) != 0) { *p = NULL; return cudaErrorMemoryAllocation; }
-    memset(*p, 0xFF, bytes);  // fresh device memory is not zero: NaN shows a read before a write
+    *p = NULL;
+    if (emu::allocated_bytes + bytes > emu::device_bytes()) { return cudaErrorMemoryAllocation; }
+    emu::Allocation a = {bytes, NULL, 0};
+    if (emu::sampled()) {
+        *p = emu::map_device(bytes, &a);
+        if (*p == NULL) { return cudaErrorMemoryAllocation; }
+    } else {
+        // 256-byte aligned, as cudaMalloc; exactly `bytes` long, so that AddressSanitizer sees an
+        // access past the end even where a GPU would not fault (compute-sanitizer's memcheck would)
+        if (posix_memalign(p, 256, std::max<size_t>(bytes, 1)) != 0) { *p = NULL; return cudaErrorMemoryAllocation; }
+        memset(*p, 0xFF, bytes);  // fresh device memory is not zero: NaN shows a read before a write
+    }
+    emu::allocations()[(uintptr_t)*p] = a;
+    emu::allocated_bytes += bytes;
     return cudaSuccess;
 }
 template <typename T> static inline cudaError_t cudaMalloc(T** p, size_t bytes) { return cudaMalloc((void**)p, bytes); }
-static inline cudaError_t cudaFree(void* p) { free(p); return cudaSuccess; }
-template <typename T> static inline cudaError_t cudaMallocHost(T** p, size_t bytes) { return cudaMalloc((void**)p, bytes); }
+static inline cudaError_t cudaFree(void* p) {
+    if (p == NULL) { return cudaSuccess; }
+    auto it = emu::allocations().find((uintptr_t)p);
+    if (it == emu::allocations().end()) { emu::fail("cudaFree of a pointer that cudaMalloc did not return, or freed twice"); }
+    emu::allocated_bytes -= it->second.bytes;
+    if (it->second.mapping) { munmap(it->second.mapping, it->second.mapped); } else { free(p); }
+    emu::allocations().erase(it);
+    return cudaSuccess;
+}
+// pinned host memory: host memory, not counted as the device's
+template <typename T> static inline cudaError_t cudaMallocHost(T** p, size_t bytes) {
+    return posix_memalign((void**)p, 256, std::max<size_t>(bytes, 1)) == 0 ? cudaSuccess : cudaErrorMemoryAllocation;
+}
 static inline cudaError_t cudaFreeHost(void* p) { free(p); return cudaSuccess; }
-static inline cudaError_t cudaMemcpy(void* d, const void* s, size_t n, cudaMemcpyKind) { memmove(d, s, n); return cudaSuccess; }
+static inline cudaError_t cudaMemcpy(void* d, const void* s, size_t n, cudaMemcpyKind) {
+    emu::check_range(d, n, "cudaMemcpy destination");
+    emu::check_range(s, n, "cudaMemcpy source");
+    memmove(d, s, n);
+    return cudaSuccess;
+}
 static inline cudaError_t cudaMemcpyAsync(void* d, const void* s, size_t n, cudaMemcpyKind k, cudaStream_t = 0) { return cudaMemcpy(d, s, n, k); }
-static inline cudaError_t cudaMemset(void* d, int v, size_t n) { memset(d, v, n); return cudaSuccess; }
+static inline cudaError_t cudaMemset(void* d, int v, size_t n) {
+    emu::check_range(d, n, "cudaMemset");
+    char* p = (char*)d;
+    if (emu::sampled() && v == 0 && n > 2 * emu::PAGE) {
+        // zeroing whole pages of a mapping gives them back: they read as zero, and cost no memory
+        char* first = (char*)(((uintptr_t)p + emu::PAGE - 1) / emu::PAGE * emu::PAGE);
+        char* last = (char*)(((uintptr_t)p + n) / emu::PAGE * emu::PAGE);
+        memset(p, 0, first - p);
+        madvise(first, last - first, MADV_DONTNEED);
+        memset(last, 0, p + n - last);
+        return cudaSuccess;
+    }
+    memset(d, v, n);
+    return cudaSuccess;
+}
 static inline cudaError_t cudaMemsetAsync(void* d, int v, size_t n, cudaStream_t = 0) { return cudaMemset(d, v, n); }
 static inline cudaError_t cudaStreamCreate(cudaStream_t* s) { *s = (cudaStream_t)1; return cudaSuccess; }
 static inline cudaError_t cudaStreamDestroy(cudaStream_t) { return cudaSuccess; }
@@ -725,8 +868,12 @@ static inline cudaError_t cudaEventRecord(cudaEvent_t, cudaStream_t = 0) { retur
 static inline cudaError_t cudaEventSynchronize(cudaEvent_t) { return cudaSuccess; }
 static inline cudaError_t cudaEventDestroy(cudaEvent_t) { return cudaSuccess; }
 static inline cudaError_t cudaEventElapsedTime(float* ms, cudaEvent_t, cudaEvent_t) { *ms = 0.0f; return cudaSuccess; }
-template <typename F> static inline cudaError_t cudaFuncSetAttribute(F, cudaFuncAttribute, int value) {
-    if (value > 227 * 1024) { emu::fail("cudaFuncSetAttribute: more shared memory than a Hopper SM has"); }
+template <typename F> static inline cudaError_t cudaFuncSetAttribute(F kernel, cudaFuncAttribute, int value) {
+    if (value < 0 || value > 227 * 1024) { emu::fail("cudaFuncSetAttribute: more shared memory than a Hopper SM has"); }
+    for (auto& l : emu::shared_limits()) {
+        if (l.first == emu::kernel_id(kernel)) { l.second = value; return cudaSuccess; }
+    }
+    emu::shared_limits().push_back({emu::kernel_id(kernel), (size_t)value});
     return cudaSuccess;
 }
 static inline cudaError_t cudaGetDeviceCount(int* n) { *n = 1; return cudaSuccess; }
@@ -736,10 +883,14 @@ static inline cudaError_t cudaGetDeviceProperties(cudaDeviceProp* p, int) {
     p->major = 9;
     p->multiProcessorCount = 1;
     p->sharedMemPerBlockOptin = 227 * 1024;
-    p->totalGlobalMem = (size_t)1 << 34;
+    p->totalGlobalMem = emu::device_bytes();
     return cudaSuccess;
 }
-static inline cudaError_t cudaMemGetInfo(size_t* free_bytes, size_t* total) { *free_bytes = *total = (size_t)1 << 34; return cudaSuccess; }
+static inline cudaError_t cudaMemGetInfo(size_t* free_bytes, size_t* total) {
+    *total = emu::device_bytes();
+    *free_bytes = *total - emu::allocated_bytes;
+    return cudaSuccess;
+}
 
 // ----------------------------------------------------------------------------
 // cuBLASLt: the matmul kernels/matmul.cuh asks for, column-major, in plain loops (fp32 sums)
@@ -831,20 +982,37 @@ static inline cublasStatus_t cublasLtMatmul(cublasLtHandle_t, cublasLtMatmulDesc
     uint64_t m = ld->rows, n = ld->cols, k = ta ? la->rows : la->cols;
     if ((ta ? la->cols : la->rows) != m || (tb ? lb->rows : lb->cols) != n || (tb ? lb->cols : lb->rows) != k) { return 7; }
     if (C != D || lc->rows != m || lc->cols != n) { return 7; }
+    // each operand, its last column included, inside the allocation it starts in
+    const cublasLtMatrixLayout_t layouts[4] = {la, lb, lc, ld};
+    const char* who[4] = {"cuBLASLt operand A", "cuBLASLt operand B", "cuBLASLt operand C", "cuBLASLt operand D"};
+    for (int i = 0; i < 4; i++) {
+        const emu_lt_layout* l = layouts[i];
+        size_t elements = l->cols == 0 ? 0 : (size_t)(l->cols - 1) * l->ld + l->rows;
+        emu::check_range(operands[i], elements * (l->type == CUDA_R_32F ? 4 : 2), who[i]);
+    }
+    if (d->epilogue == CUBLASLT_EPILOGUE_BIAS) { emu::check_range(d->bias, m * (ld->type == CUDA_R_32F ? 4 : 2), "cuBLASLt bias"); }
     float a = *(const float*)alpha, b = *(const float*)beta;
-    for (uint64_t j = 0; j < n; j++) {
-        for (uint64_t i = 0; i < m; i++) {
-            float acc = 0.0f;
-            for (uint64_t p = 0; p < k; p++) {
-                float x = emu::load(A, la->type, ta ? i * la->ld + p : p * la->ld + i);
-                float y = emu::load(Bm, lb->type, tb ? p * lb->ld + j : j * lb->ld + p);
-                acc += x * y;
-            }
-            float v = a * acc;
-            if (b != 0.0f) { v += b * emu::load(D, ld->type, j * ld->ld + i); }
-            if (d->epilogue == CUBLASLT_EPILOGUE_BIAS) { v += emu::load(d->bias, ld->type, i); }
-            emu::store(D, ld->type, j * ld->ld + i, v);
+    auto element = [&](uint64_t i, uint64_t j) {
+        float acc = 0.0f;
+        for (uint64_t p = 0; p < k; p++) {
+            float x = emu::load(A, la->type, ta ? i * la->ld + p : p * la->ld + i);
+            float y = emu::load(Bm, lb->type, tb ? p * lb->ld + j : j * lb->ld + p);
+            acc += x * y;
         }
+        float v = a * acc;
+        if (b != 0.0f) { v += b * emu::load(D, ld->type, j * ld->ld + i); }
+        if (d->epilogue == CUBLASLT_EPILOGUE_BIAS) { v += emu::load(d->bias, ld->type, i); }
+        emu::store(D, ld->type, j * ld->ld + i, v);
+    };
+    if (emu::sampled()) {  // two corners: the first and the last row and column of every operand
+        if (m > 0 && n > 0) {
+            element(0, 0);
+            element(m - 1, n - 1);
+        }
+        return 0;
+    }
+    for (uint64_t j = 0; j < n; j++) {
+        for (uint64_t i = 0; i < m; i++) { element(i, j); }
     }
     return 0;
 }

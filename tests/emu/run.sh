@@ -15,6 +15,12 @@
 # its check (tests/emu/sanitize.cu checks that each kind is caught). The reverse-order runs use
 # plain builds, about twice as fast; the memory accesses are the same in both orders.
 # EMU_SANITIZE=0 skips the sanitized builds (both orders plain: faster, for a quick look).
+# Then train_moe itself, sampled (EMU_SAMPLE=1: a launch of more than 64 blocks runs only its
+# last block, see tests/emu/cuda_emu.h), trains one step at full width and length (T=1024, B up
+# to 64, GPT-2 small and XL widths, several routers): "emu.scale" checks that every launch keeps
+# to the CUDA limits, that no index overflows an int in the blocks with the largest indices,
+# that copies and cuBLASLt operands stay inside their allocations, and reports the device memory
+# allocated; on a 4 GiB device the same run must stop with one out-of-memory line.
 # Called by tests/run_tests.sh with its temporary folder (NAME.state, NAME.options, dense.bin,
 # shard.bin). Every check is prefixed "emu." so that it is never mistaken for a check on a GPU.
 set -u
@@ -60,11 +66,13 @@ build() {
 binary() {
     if [ "$3" = forward ] && [ -n "$SANITIZE_FLAGS" ]; then echo "$OUT/${1}_$2.memcheck"; else echo "$OUT/${1}_$2"; fi
 }
-# report_build NAME PRECISION: the PASS or FAIL line of each of its builds
+# report_build NAME PRECISION [only]: the PASS or FAIL line of each of its builds (with "only":
+# of the one build the forward order uses)
 report_build() {
-    local name=$1 precision=$2
-    local binary label
-    for binary in "$OUT/${name}_$precision" ${SANITIZE_FLAGS:+"$OUT/${name}_$precision.memcheck"}; do
+    local name=$1 precision=$2 only=${3:-}
+    local binary label builds=("$OUT/${name}_$precision" ${SANITIZE_FLAGS:+"$OUT/${name}_$precision.memcheck"})
+    [ -n "$only" ] && builds=("$(binary "$name" "$precision" forward)")
+    for binary in "${builds[@]}"; do
         label="$name $precision$([ "${binary%.memcheck}" != "$binary" ] && echo ", sanitized")"
         if [ -x "$binary" ]; then
             echo "PASS emu.build[$label]: for the CPU emulation of CUDA"
@@ -111,6 +119,9 @@ for kind in ${SANITIZE_FLAGS:+memcheck} plain; do
     for precision in FP32 BF16; do
         throttle; build test_moe test_moe.cu $precision "$kind" &
     done
+done
+for precision in FP32 BF16; do
+    throttle; build train_moe train_moe.cu $precision ${SANITIZE_FLAGS:+memcheck} &
 done
 for kind in ${SANITIZE_FLAGS:+memcheck} plain; do
     for precision in FP32 BF16; do
@@ -179,15 +190,69 @@ sanitizer_found() {
         "$OUT/sanitize" "$name" > "$log" 2>&1
         rc=$?
         found=$(sanitizer_report "$log")
-        if [ "$name" = clean ] && [ "$rc" = 0 ] && [ -z "$found" ]; then
-            echo "PASS emu.sanitize[clean]: in-bounds, aligned accesses run without a report"
-        elif [ "$name" != clean ] && [ "$rc" != 0 ] && grep -q -F "$words" "$log"; then
+        if [ -z "$words" ] && [ "$rc" = 0 ] && [ -z "$found" ]; then
+            echo "PASS emu.sanitize[$name]: no error, no report"
+        elif [ -n "$words" ] && [ "$rc" != 0 ] && grep -q -F "$words" "$log"; then
             echo "PASS emu.sanitize[$name]: stopped with \"$words\" in the report"
         else
             echo "FAIL emu.sanitize[$name]: exit status $rc, expected ${words:-no report}: ${found:-$(tail -n 2 "$log" | tr '\n' ' ')}"
         fi
     done < <("$OUT/sanitize" list)
     [ "$cases" -gt 0 ] || echo "FAIL emu.sanitize: no cases listed"
+}
+
+# The sampled full-size runs: NAME|PRECISIONS|OPTIONS. L=2 models keep the host's share small
+# (upcycling, uploads); every size a kernel or an index depends on is the real one: T=1024,
+# B*T = 65536 rows (B*T*Vp = 3.3e9 logits, past 2^31), C = 768 and 1600 (GPT-2 XL, not a
+# multiple of 128), 8 to 64 experts.
+SCALE_CONFIGS="dense|FP32 BF16|-m 2:768:12:1024 -e 1 -b 64 -s 1 -g 3
+top2|FP32 BF16|-m 2:768:12:1024 -e 8 -k 2 -b 64
+capacity|BF16|-m 2:768:12:1024 -e 8 -k 2 -b 16 -d 32768 --capacity-factor 1.25 --capacity-priority score --z-loss 0.001
+expert_choice|BF16|-m 2:768:12:1024 -e 8 -k 2 -b 16 --router expert --capacity-factor 1
+fine|BF16|-m 2:768:12:1024 -e 64 -k 8 --granularity 8 --moe-layers all -b 16
+xl|BF16|-m 2:1600:25:1024 -e 8 -k 2 -b 16"
+SCALE_COMMON="-t 1024 -x 1 -v 0 --val-steps 1 -s 0 --stats-every 1"
+# a shard for them: 2 * 65536 + 1 random tokens below GPT-2's V
+${PYTHON_ANY:-python3} -c '
+import random, struct, sys
+random.seed(1337)
+n = 2 * 65536 + 1
+header = [20240520, 1, n] + [0] * 253
+with open(sys.argv[1], "wb") as f:
+    f.write(struct.pack("<256i", *header))
+    f.write(struct.pack("<%dH" % n, *[random.randrange(50257) for _ in range(n)]))
+' "$OUT/scale_shard.bin"
+# scale_report NAME PRECISION OPTIONS: the run's PASS or FAIL line
+scale_report() {
+    local name=$1 precision=$2 options=$3
+    local log=$OUT/scale_$name.$precision.out label="emu.scale[$name.$precision]"
+    local rc sanitizer launches memory
+    rc=$(cat "$log.rc" 2>/dev/null || echo "?")
+    sanitizer=$(sanitizer_report "$log")
+    launches=$(grep -m 1 -o 'sampled: [0-9]* launches' "$log" | grep -o '[0-9]*')
+    memory=$(grep -m 1 -o 'peak memory [0-9.]* GiB' "$log" | grep -o '[0-9.]* GiB')
+    if [ -n "$sanitizer" ]; then
+        echo "FAIL $label: stopped by the sanitizer (exit status $rc): $sanitizer"
+    elif [ "$rc" != 0 ] || ! grep -q -E '^step +1/1 \|' "$log" || [ -z "$launches" ] || [ -z "$memory" ]; then
+        echo "FAIL $label: exit status $rc, expected a step, its launch count and memory: $(grep -v '^ ' "$log" | tail -n 2 | tr '\n' ' ' | cut -c1-300)"
+    else
+        echo "PASS $label: a training step and validation at $options -t 1024, sampled: $launches launches in the CUDA limits, no overflow or out-of-bounds report; $memory of device memory allocated"
+    fi
+}
+
+# scale_oom_report: the out-of-memory run's PASS or FAIL line: exit 1, one error line that says
+# what was asked and what is free, no checkpoint
+scale_oom_report() {
+    local log=$OUT/scale_oom.BF16.out
+    local rc errors
+    rc=$(cat "$log.rc" 2>/dev/null || echo "?")
+    errors=$(grep -c '^error: ' "$log")
+    if [ "$rc" = 1 ] && [ "$errors" = 1 ] && grep -q -E '^error: out of GPU memory: [0-9.]+ MiB asked, [0-9.]+ of 4096.0 MiB free' "$log" \
+        && [ -z "$(find "$OUT/scale_oom" -name '*.bin' 2>/dev/null)" ]; then
+        echo "PASS emu.scale[out_of_memory.BF16]: the top2 run on a 4 GiB device stops with one line: $(grep '^error: ' "$log" | cut -c1-160)"
+    else
+        echo "FAIL emu.scale[out_of_memory.BF16]: exit status $rc, $errors error lines, expected 1 and one 'error: out of GPU memory' line: $(tail -n 2 "$log" | tr '\n' ' ' | cut -c1-300)"
+    fi
 }
 
 ORDERS="forward reverse"
@@ -215,11 +280,31 @@ for order in $ORDERS; do
         done
     done
 done
+while IFS='|' read -r name precisions options; do
+    for precision in $precisions; do
+        bin=$(binary train_moe "$precision" forward)
+        [ -x "$bin" ] || continue
+        throttle
+        # shellcheck disable=SC2086
+        run forward "$OUT/scale_$name.$precision.out" env EMU_SAMPLE=1 "$bin" $SCALE_COMMON $options \
+            -i "$OUT/scale_shard.bin" -j "$OUT/scale_shard.bin" &
+    done
+done <<< "$SCALE_CONFIGS"
+# the top2 run on a 4 GiB device: out of memory, which must say so in one line
+bin=$(binary train_moe BF16 forward)
+if [ -x "$bin" ]; then
+    throttle
+    rm -rf "$OUT/scale_oom"
+    # shellcheck disable=SC2086
+    run forward "$OUT/scale_oom.BF16.out" env EMU_SAMPLE=1 EMU_DEVICE_GIB=4 "$bin" $SCALE_COMMON -m 2:768:12:1024 -e 8 -k 2 -b 64 \
+        -i "$OUT/scale_shard.bin" -j "$OUT/scale_shard.bin" -o "$OUT/scale_oom" &
+fi
 wait
 
 races_found
 sanitizer_found
 for precision in FP32 BF16; do
+    report_build train_moe $precision only
     report_build test_moe $precision
     for name in $STUDIES; do report_build "$name" $precision; done
 done
@@ -247,4 +332,10 @@ for order in $ORDERS; do
         done
     done
 done
+while IFS='|' read -r name precisions options; do
+    for precision in $precisions; do
+        [ -x "$(binary train_moe "$precision" forward)" ] && scale_report "$name" "$precision" "$options"
+    done
+done <<< "$SCALE_CONFIGS"
+[ -x "$(binary train_moe BF16 forward)" ] && scale_oom_report
 exit 0

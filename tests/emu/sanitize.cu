@@ -1,13 +1,16 @@
 /*
 The emulation's own check that its sanitized builds (tests/emu/run.sh, g++ -fsanitize=address
-and the alignment checks of -fsanitize=undefined) catch the memory errors compute-sanitizer's
-memcheck catches on a GPU. `sanitize list` prints each case with the words its report must
-contain; `sanitize CASE` runs one. Every case but `clean` makes one deliberate error, most of
-them ones a GPU would not fault on (a read a few bytes past a cudaMalloc, which rounds sizes up),
-so that they would otherwise go unnoticed. run.sh expects `clean` to exit 0 without a report and
-every other case to stop with its report. (Valid CUDA too: on a GPU the errors are undefined.)
+and the alignment and overflow checks of -fsanitize=undefined) catch the memory errors
+compute-sanitizer's memcheck catches on a GPU, and that the emulator's own checks (launch
+limits, copies inside their allocations, the sampled runs of EMU_SAMPLE=1) report what they
+should. `sanitize list` prints each case with the words its report must contain; `sanitize CASE`
+runs one. A case with no words must exit 0 without a report; every other case makes one
+deliberate error, most of them ones a GPU would not fault on (a read a few bytes past a
+cudaMalloc, which rounds sizes up), so that they would otherwise go unnoticed, and must stop with
+its report. (Valid CUDA too: on a GPU the errors are undefined or a failed launch.)
 */
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <cuda_runtime.h>
 
@@ -62,11 +65,29 @@ __global__ void misaligned_vector_load(float* out, const float* in) {
     out[0] = (float)four.x;
 }
 
+// Each thread's global index as an int, which overflows past 2^31 - 1 threads (2^21 blocks of
+// 1024); only the threads inside `out` write.
+__global__ void int_index(float* out, const float* in) {
+    int i = (int)blockIdx.x * (int)blockDim.x + (int)threadIdx.x;
+    if (i < THREADS) { out[i] = in[i]; }
+}
+// The same with a 64-bit index, as the engine's kernels compute them.
+__global__ void size_t_index(float* out, const float* in) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < THREADS) { out[i] = in[i]; }
+}
+
 struct Case {
     const char* name;
-    const char* report;  // words the sanitizer's report must contain
+    const char* report;  // words the report must contain; "": no report, exit status 0
     void (*kernel)(float*, const float*);
+    unsigned blocks = 1, threads = THREADS;
+    size_t shared = THREADS * sizeof(float);
+    bool allow_shared = false;  // cudaFuncSetAttribute(kernel, MaxDynamicSharedMemorySize, shared) first
+    bool sampled = false;       // EMU_SAMPLE=1: only the last block runs
+    size_t copy_back = THREADS; // floats copied from the output (THREADS floats) to the host
 };
+static const unsigned OVERFLOW_BLOCKS = (1u << 21) + 1;  // the last block's first thread is number 2^31
 static const Case CASES[] = {
     {"clean", "", clean},
     {"global_read_past_end", "heap-buffer-overflow", global_read_past_end},
@@ -76,6 +97,11 @@ static const Case CASES[] = {
     {"static_shared_pointer_past_end", "global-buffer-overflow", static_shared_pointer_past_end},
     {"misaligned_vector_load", "misaligned address", misaligned_vector_load},
     {"read_after_free", "heap-use-after-free", global_read_past_end},  // with `in` freed first
+    {"copy_past_allocation", "past its end", clean, 1, THREADS, THREADS * sizeof(float), false, false, THREADS + 1},
+    {"shared_over_48k_with_attribute", "", clean, 1, THREADS, 64 * 1024, true},
+    {"shared_over_48k_without_attribute", "without cudaFuncSetAttribute", clean, 1, THREADS, 64 * 1024},
+    {"sampled_size_t_index", "", size_t_index, OVERFLOW_BLOCKS, 1024, 0, false, true},
+    {"sampled_int_index_overflow", "signed integer overflow", int_index, OVERFLOW_BLOCKS, 1024, 0, false, true},
 };
 
 int main(int argc, char** argv) {
@@ -89,16 +115,19 @@ int main(int argc, char** argv) {
     }
     for (const Case& c : CASES) {
         if (strcmp(argv[1], c.name) != 0) { continue; }
+        if (c.sampled) { setenv("EMU_SAMPLE", "1", 1); }  // before the first launch and cudaMalloc read it
         float *d_out, *d_in;
         cudaMalloc(&d_out, THREADS * sizeof(float));
         cudaMalloc(&d_in, THREADS * sizeof(float));
         cudaMemset(d_in, 0, THREADS * sizeof(float));
+        cudaMemset(d_out, 0, THREADS * sizeof(float));
         if (strcmp(c.name, "read_after_free") == 0) { cudaFree(d_in); }
         void (*kernel)(float*, const float*) = c.kernel;
-        kernel<<<1, THREADS, THREADS * sizeof(float)>>>(d_out, d_in);
+        if (c.allow_shared) { cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)c.shared); }
+        kernel<<<c.blocks, c.threads, c.shared>>>(d_out, d_in);
         cudaDeviceSynchronize();
-        float host[THREADS];
-        cudaMemcpy(host, d_out, sizeof(host), cudaMemcpyDeviceToHost);
+        float host[THREADS + 1];
+        cudaMemcpy(host, d_out, c.copy_back * sizeof(float), cudaMemcpyDeviceToHost);
         printf("%s: ran, out[0] = %g\n", c.name, host[0]);
         return 0;
     }

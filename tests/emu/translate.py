@@ -6,7 +6,8 @@
                                # train_moe_cpu.cpp, the kernel studies of dev/cuda and tests/emu/{races,sanitize}.cu
 
 Rewrites, in .cu and .cuh files only:
-  kernel<<<grid, block[, shared[, stream]]>>>(args)  ->  emu::launch(dim3(grid), dim3(block), shared, [&]() { kernel(args); })
+  kernel<<<grid, block[, shared[, stream]]>>>(args)  ->  emu::launch(emu::kernel_id(kernel), dim3(grid), dim3(block), shared,
+                                                                   [&]() { kernel(args); })
   extern __shared__ [__align__(n)] T name[];         ->  T* name = (T*)emu::dynamic_shared();
   __shared__ T name[dims];                           ->  static T name[dims]; emu::shared_at_block_start(&name, sizeof(name));
   asm volatile("ptx" : outputs : inputs);             ->  emu::ptx("ptx", {emu::out(..), .., emu::in(..), ..});
@@ -94,7 +95,8 @@ def rewrite_launches(text):
         args = text[k + 1:close]
         shared = config[2] if len(config) > 2 else '0'
         out.append(text[pos:start])
-        out.append('emu::launch(dim3(%s), dim3(%s), (size_t)(%s), [&]() { %s(%s); })' % (config[0], config[1], shared, name, args))
+        out.append('emu::launch(emu::kernel_id(%s), dim3(%s), dim3(%s), (size_t)(%s), [&]() { %s(%s); })'
+                   % (name, config[0], config[1], shared, name, args))
         pos = close + 1
 
 
