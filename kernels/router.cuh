@@ -441,9 +441,11 @@ __global__ void router_backward_kernel(floatX* dh, float* dlogits, const float* 
     }
 }
 
-// partial[chunk][e][c] = sum over the chunk's tokens t (in order) of dlogits[t][e] h[t][c]
+// partial[chunk][e][c] = sum over the chunk's tokens t (in order) of dlogits[t][e] h[t][c];
+// grid (chunks, ceil(C / blockDim.x), E): the chunks in gridDim.x, which holds 2^31 - 1 of them
+// (gridDim.z would stop at 65535 chunks, 8.4M tokens)
 __global__ void router_weight_grad_partial_kernel(float* partial, const float* dlogits, const floatX* h, int N, int C, int E) {
-    int c = blockIdx.x * blockDim.x + threadIdx.x, e = blockIdx.y, chunk = blockIdx.z;
+    int chunk = blockIdx.x, c = blockIdx.y * blockDim.x + threadIdx.x, e = blockIdx.z;
     if (c >= C) { return; }
     int t0 = chunk * ROUTER_TOKEN_CHUNK, t1 = min(N, t0 + ROUTER_TOKEN_CHUNK);
     float acc = 0.0f;
@@ -568,7 +570,7 @@ static void router_backward(floatX* dh, float* drouterw, DeviceRouting* r, const
         r->counts, routerw, alpha, beta, n, C, E, k, cfg->renorm);
     cudaCheckLaunch();
     int chunks = ceil_div_int(n, ROUTER_TOKEN_CHUNK);
-    router_weight_grad_partial_kernel<<<dim3(ceil_div_int(C, 128), E, chunks), 128, 0, stream>>>(r->drouterw_partial, r->dlogits, h, n, C, E);
+    router_weight_grad_partial_kernel<<<dim3(chunks, ceil_div_int(C, 128), E), 128, 0, stream>>>(r->drouterw_partial, r->dlogits, h, n, C, E);
     cudaCheckLaunch();
     router_weight_grad_sum_kernel<<<ceil_div_int((long long)E * C, 256), 256, 0, stream>>>(drouterw, r->drouterw_partial, chunks, C, E);
     cudaCheckLaunch();
