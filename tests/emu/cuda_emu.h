@@ -485,13 +485,13 @@ static void print_launch_counts() {
 }
 
 // the dynamic shared memory each kernel may use (cudaFuncSetAttribute); without it, 48 KiB
-static std::vector<std::pair<const void*, size_t>>& shared_limits() {
-    static std::vector<std::pair<const void*, size_t>> limits;
+static std::map<const void*, size_t>& shared_limits() {
+    static std::map<const void*, size_t> limits;
     return limits;
 }
 static size_t shared_limit(const void* kernel) {
-    for (auto& l : shared_limits()) { if (l.first == kernel) { return l.second; } }
-    return 48 * 1024;
+    auto it = shared_limits().find(kernel);
+    return it == shared_limits().end() ? 48 * 1024 : it->second;
 }
 template <typename F> static const void* kernel_id(F* kernel) { return reinterpret_cast<const void*>(kernel); }
 
@@ -870,10 +870,7 @@ static inline cudaError_t cudaEventDestroy(cudaEvent_t) { return cudaSuccess; }
 static inline cudaError_t cudaEventElapsedTime(float* ms, cudaEvent_t, cudaEvent_t) { *ms = 0.0f; return cudaSuccess; }
 template <typename F> static inline cudaError_t cudaFuncSetAttribute(F kernel, cudaFuncAttribute, int value) {
     if (value < 0 || value > 227 * 1024) { emu::fail("cudaFuncSetAttribute: more shared memory than a Hopper SM has"); }
-    for (auto& l : emu::shared_limits()) {
-        if (l.first == emu::kernel_id(kernel)) { l.second = value; return cudaSuccess; }
-    }
-    emu::shared_limits().push_back({emu::kernel_id(kernel), (size_t)value});
+    emu::shared_limits()[emu::kernel_id(kernel)] = value;
     return cudaSuccess;
 }
 static inline cudaError_t cudaGetDeviceCount(int* n) { *n = 1; return cudaSuccess; }
@@ -955,6 +952,7 @@ namespace emu {
 static inline float load(const void* p, cudaDataType_t t, size_t i) {
     return t == CUDA_R_32F ? ((const float*)p)[i] : (float)((const __nv_bfloat16*)p)[i];
 }
+static inline size_t element_bytes(cudaDataType_t t) { return t == CUDA_R_32F ? 4 : 2; }
 static inline void store(void* p, cudaDataType_t t, size_t i, float v) {
     if (t == CUDA_R_32F) { ((float*)p)[i] = v; } else { ((__nv_bfloat16*)p)[i] = __float2bfloat16(v); }
 }
@@ -988,9 +986,9 @@ static inline cublasStatus_t cublasLtMatmul(cublasLtHandle_t, cublasLtMatmulDesc
     for (int i = 0; i < 4; i++) {
         const emu_lt_layout* l = layouts[i];
         size_t elements = l->cols == 0 ? 0 : (size_t)(l->cols - 1) * l->ld + l->rows;
-        emu::check_range(operands[i], elements * (l->type == CUDA_R_32F ? 4 : 2), who[i]);
+        emu::check_range(operands[i], elements * emu::element_bytes(l->type), who[i]);
     }
-    if (d->epilogue == CUBLASLT_EPILOGUE_BIAS) { emu::check_range(d->bias, m * (ld->type == CUDA_R_32F ? 4 : 2), "cuBLASLt bias"); }
+    if (d->epilogue == CUBLASLT_EPILOGUE_BIAS) { emu::check_range(d->bias, m * emu::element_bytes(ld->type), "cuBLASLt bias"); }
     float a = *(const float*)alpha, b = *(const float*)beta;
     auto element = [&](uint64_t i, uint64_t j) {
         float acc = 0.0f;

@@ -211,7 +211,7 @@ capacity|BF16|-m 2:768:12:1024 -e 8 -k 2 -b 16 -d 32768 --capacity-factor 1.25 -
 expert_choice|BF16|-m 2:768:12:1024 -e 8 -k 2 -b 16 --router expert --capacity-factor 1
 fine|BF16|-m 2:768:12:1024 -e 64 -k 8 --granularity 8 --moe-layers all -b 16
 xl|BF16|-m 2:1600:25:1024 -e 8 -k 2 -b 16"
-SCALE_COMMON="-t 1024 -x 1 -v 0 --val-steps 1 -s 0 --stats-every 1"
+SCALE_COMMON="-t 1024 -x 1 -v 0 --val-steps 1 -s 0 --stats-every 1 -i $OUT/scale_shard.bin -j $OUT/scale_shard.bin"
 # a shard for them: 2 * 65536 + 1 random tokens below GPT-2's V
 ${PYTHON_ANY:-python3} -c '
 import random, struct, sys
@@ -226,15 +226,14 @@ with open(sys.argv[1], "wb") as f:
 scale_report() {
     local name=$1 precision=$2 options=$3
     local log=$OUT/scale_$name.$precision.out label="emu.scale[$name.$precision]"
-    local rc sanitizer launches memory
-    rc=$(cat "$log.rc" 2>/dev/null || echo "?")
-    sanitizer=$(sanitizer_report "$log")
+    local failed launches memory
+    failed=$(report "$log" "" "$label")  # a sanitizer's report or a non-zero exit status
     launches=$(grep -m 1 -o 'sampled: [0-9]* launches' "$log" | grep -o '[0-9]*')
     memory=$(grep -m 1 -o 'peak memory [0-9.]* GiB' "$log" | grep -o '[0-9.]* GiB')
-    if [ -n "$sanitizer" ]; then
-        echo "FAIL $label: stopped by the sanitizer (exit status $rc): $sanitizer"
-    elif [ "$rc" != 0 ] || ! grep -q -E '^step +1/1 \|' "$log" || [ -z "$launches" ] || [ -z "$memory" ]; then
-        echo "FAIL $label: exit status $rc, expected a step, its launch count and memory: $(grep -v '^ ' "$log" | tail -n 2 | tr '\n' ' ' | cut -c1-300)"
+    if [ -n "$failed" ]; then
+        echo "$failed"
+    elif ! grep -q -E '^step +1/1 \|' "$log" || [ -z "$launches" ] || [ -z "$memory" ]; then
+        echo "FAIL $label: expected a step, its launch count and memory: $(grep -v '^ ' "$log" | tail -n 2 | tr '\n' ' ' | cut -c1-300)"
     else
         echo "PASS $label: a training step and validation at $options -t 1024, sampled: $launches launches in the CUDA limits, no overflow or out-of-bounds report; $memory of device memory allocated"
     fi
@@ -286,8 +285,7 @@ while IFS='|' read -r name precisions options; do
         [ -x "$bin" ] || continue
         throttle
         # shellcheck disable=SC2086
-        run forward "$OUT/scale_$name.$precision.out" env EMU_SAMPLE=1 "$bin" $SCALE_COMMON $options \
-            -i "$OUT/scale_shard.bin" -j "$OUT/scale_shard.bin" &
+        run forward "$OUT/scale_$name.$precision.out" env EMU_SAMPLE=1 "$bin" $SCALE_COMMON $options &
     done
 done <<< "$SCALE_CONFIGS"
 # the top2 run on a 4 GiB device: out of memory, which must say so in one line
@@ -297,7 +295,7 @@ if [ -x "$bin" ]; then
     rm -rf "$OUT/scale_oom"
     # shellcheck disable=SC2086
     run forward "$OUT/scale_oom.BF16.out" env EMU_SAMPLE=1 EMU_DEVICE_GIB=4 "$bin" $SCALE_COMMON -m 2:768:12:1024 -e 8 -k 2 -b 64 \
-        -i "$OUT/scale_shard.bin" -j "$OUT/scale_shard.bin" -o "$OUT/scale_oom" &
+        -o "$OUT/scale_oom" &
 fi
 wait
 
