@@ -124,16 +124,21 @@ struct Model {
     floatX* dexpert_input;              // (rows, C)
     float* scratch;                     // the kernels' fp32 scratch (the largest they ask for)
     float* step_scalars;                // (NUM_SCALARS) on the device
+    DeviceBuffers buffers;              // all of the above that live on the device
     bool collect_stats;                 // routing statistics (training batches only)
     cudaStream_t stream;
 };
 
-static void batch_init(BatchBuffers* b, int N) {
+// the batch's device buffer, added to the model's list (batch_init once it is allocated)
+static void batch_add_buffers(BatchBuffers* b, DeviceBuffers* d, int N) {
     b->N = N;
-    size_t n = 5 * (size_t)N + 1;
-    b->device = cuda_malloc<int>(n);
+    buffers_add(d, &b->device, 5 * (size_t)N + 1);
+}
+
+static void batch_init(BatchBuffers* b) {
+    int N = b->N;
     for (int i = 0; i < 2; i++) {
-        cudaCheck(cudaMallocHost(&b->staging[i], n * sizeof(int)));
+        cudaCheck(cudaMallocHost(&b->staging[i], (5 * (size_t)N + 1) * sizeof(int)));
         cudaCheck(cudaEventCreateWithFlags(&b->uploaded[i], cudaEventDisableTiming));
         cudaCheck(cudaEventRecord(b->uploaded[i]));
     }
@@ -161,110 +166,145 @@ static void batch_upload(BatchBuffers* b, const int* inputs, const int* targets,
     cudaCheck(cudaEventRecord(b->uploaded[slot], stream));
 }
 
+// the host side (the device buffer is the model's)
 static void batch_free(BatchBuffers* b) {
-    cudaCheck(cudaFree(b->device));
     for (int i = 0; i < 2; i++) {
         cudaCheck(cudaFreeHost(b->staging[i]));
         cudaCheck(cudaEventDestroy(b->uploaded[i]));
     }
 }
 
-// Takes the host parameters (fp32, the config's layout) to the GPU. B, T: the largest batch.
-static void model_init(Model* m, const ModelConfig* cfg, const float* host_params, int B, int T, float aux_alpha, float z_beta) {
+// Lists every device buffer of a model of this config, for batches of up to B x T, in
+// m->buffers: sizes only, nothing is allocated. Returns the bytes of the parameters, gradients
+// and moments (the rest are activations and scratch).
+static size_t model_add_buffers(Model* m, const ModelConfig* cfg, int B, int T) {
     m->config = *cfg;
     fill_parameter_sizes(m->param_sizes, cfg);
     size_t P = m->num_params = count_parameters(cfg);
-    m->master = cuda_malloc<float>(P);
-    cudaCheck(cudaMemcpy(m->master, host_params, P * sizeof(float), cudaMemcpyHostToDevice));
-    cudaCheck(cudaStreamCreate(&m->stream));
-#if defined(ENABLE_FP32)
-    m->working = m->master;
-#else
-    m->working = cuda_malloc<floatX>(P);
-    copy_to_working(m->working, m->master, P, m->stream);
+    DeviceBuffers* d = &m->buffers;
+    *d = DeviceBuffers();
+    buffers_add(d, &m->master, P);
+#if !defined(ENABLE_FP32)
+    buffers_add(d, &m->working, P);
 #endif
-    m->grads = cuda_malloc<float>(P);
-    m->m = cuda_malloc<float>(P);
-    m->v = cuda_malloc<float>(P);
-    cudaCheck(cudaMemset(m->m, 0, P * sizeof(float)));
-    cudaCheck(cudaMemset(m->v, 0, P * sizeof(float)));
-    point_parameters(&m->params, m->working, m->param_sizes);
-    point_parameters(&m->master_t, m->master, m->param_sizes);
-    point_parameters(&m->grads_t, m->grads, m->param_sizes);
-    m->aux_alpha = aux_alpha;
-    m->z_beta = z_beta;
+    buffers_add(d, &m->grads, P);
+    buffers_add(d, &m->m, P);
+    buffers_add(d, &m->v, P);
+    size_t parameter_bytes = d->bytes;
 
     int N = B * T, C = cfg->channels, NH = cfg->num_heads, Vp = cfg->padded_vocab_size;
     int E = cfg->num_experts, H = cfg->expert_hidden;
     size_t rows = cfg->num_experts > 1 ? (size_t)max_routing_rows(cfg, N) : 0;
     m->B = B;
     m->T = T;
-    batch_init(&m->batch, N);
-    m->encoded = cuda_malloc<floatX>((size_t)N * C);
-    m->layers.resize(cfg->num_layers);
+    batch_add_buffers(&m->batch, d, N);
+    buffers_add(d, &m->encoded, (size_t)N * C);
+    m->layers.clear();
+    m->layers.resize(cfg->num_layers);  // never resized again: the list holds pointers into it
     for (int l = 0; l < cfg->num_layers; l++) {
         LayerActivations& a = m->layers[l];
         memset(&a, 0, sizeof(a));
-        a.ln1 = cuda_malloc<floatX>((size_t)N * C);
-        a.ln1_mean = cuda_malloc<float>(N);
-        a.ln1_rstd = cuda_malloc<float>(N);
-        a.qkv = cuda_malloc<floatX>((size_t)N * 3 * C);
-        a.atty = cuda_malloc<floatX>((size_t)N * C);
-        a.att_lse = cuda_malloc<float>((size_t)B * NH * T);
-        a.residual2 = cuda_malloc<floatX>((size_t)N * C);
-        a.ln2 = cuda_malloc<floatX>((size_t)N * C);
-        a.ln2_mean = cuda_malloc<float>(N);
-        a.ln2_rstd = cuda_malloc<float>(N);
-        a.residual3 = cuda_malloc<floatX>((size_t)N * C);
+        buffers_add(d, &a.ln1, (size_t)N * C);
+        buffers_add(d, &a.ln1_mean, N);
+        buffers_add(d, &a.ln1_rstd, N);
+        buffers_add(d, &a.qkv, (size_t)N * 3 * C);
+        buffers_add(d, &a.atty, (size_t)N * C);
+        buffers_add(d, &a.att_lse, (size_t)B * NH * T);
+        buffers_add(d, &a.residual2, (size_t)N * C);
+        buffers_add(d, &a.ln2, (size_t)N * C);
+        buffers_add(d, &a.ln2_mean, N);
+        buffers_add(d, &a.ln2_rstd, N);
+        buffers_add(d, &a.residual3, (size_t)N * C);
         if (!cfg->is_moe_layer[l]) {
-            a.fch = cuda_malloc<floatX>((size_t)N * 4 * C);
-            a.fch_gelu = cuda_malloc<floatX>((size_t)N * 4 * C);
+            buffers_add(d, &a.fch, (size_t)N * 4 * C);
+            buffers_add(d, &a.fch_gelu, (size_t)N * 4 * C);
             continue;
         }
-        routing_alloc(&a.routing, N, E, cfg->top_k, (int)rows, C);
-        a.expert_input = cuda_malloc<floatX>(rows * C);
-        a.expert_fch = cuda_malloc<floatX>(rows * H);
-        a.expert_fch_gelu = cuda_malloc<floatX>(rows * H);
-        a.expert_output = cuda_malloc<floatX>(rows * C);
+        routing_add_buffers(&a.routing, d, N, E, cfg->top_k, (int)rows, C);
+        buffers_add(d, &a.expert_input, rows * C);
+        buffers_add(d, &a.expert_fch, rows * H);
+        buffers_add(d, &a.expert_fch_gelu, rows * H);
+        buffers_add(d, &a.expert_output, rows * C);
     }
-    m->lnf = cuda_malloc<floatX>((size_t)N * C);
-    m->lnf_mean = cuda_malloc<float>(N);
-    m->lnf_rstd = cuda_malloc<float>(N);
-    m->logits = cuda_malloc<floatX>((size_t)N * Vp);
-    m->losses = cuda_malloc<float>(N);
+    buffers_add(d, &m->lnf, (size_t)N * C);
+    buffers_add(d, &m->lnf_mean, N);
+    buffers_add(d, &m->lnf_rstd, N);
+    buffers_add(d, &m->logits, (size_t)N * Vp);
+    buffers_add(d, &m->losses, N);
     size_t hidden = std::max((size_t)N * 4 * C, rows * H);
-    m->mlp_out = cuda_malloc<floatX>((size_t)N * C);
-    m->dresidual = cuda_malloc<floatX>((size_t)N * C);
-    m->dbuf = cuda_malloc<floatX>((size_t)N * C);
-    m->dqkv = cuda_malloc<floatX>((size_t)N * 3 * C);
-    m->dhidden = cuda_malloc<floatX>(hidden);
-    m->dhidden2 = cuda_malloc<floatX>(hidden);
-    m->dexpert_output = cuda_malloc<floatX>(rows * C);
-    m->dexpert_input = cuda_malloc<floatX>(rows * C);
+    buffers_add(d, &m->mlp_out, (size_t)N * C);
+    buffers_add(d, &m->dresidual, (size_t)N * C);
+    buffers_add(d, &m->dbuf, (size_t)N * C);
+    buffers_add(d, &m->dqkv, (size_t)N * 3 * C);
+    buffers_add(d, &m->dhidden, hidden);
+    buffers_add(d, &m->dhidden2, hidden);
+    buffers_add(d, &m->dexpert_output, rows * C);
+    buffers_add(d, &m->dexpert_input, rows * C);
     // the largest scratch any kernel asks for; the widest matmul's bias sums are the classifier's or fc's
     size_t widest = std::max((size_t)4 * C, (size_t)Vp);
     size_t scratch = std::max({layernorm_backward_scratch_floats(N, C), matmul_backward_scratch_floats(N, (int)widest),
                                attention_backward_scratch_floats(B, T, NH), global_norm_scratch_floats(P)});
-    m->scratch = cuda_malloc<float>(scratch);
-    m->step_scalars = cuda_malloc<float>(NUM_SCALARS);
+    buffers_add(d, &m->scratch, scratch);
+    buffers_add(d, &m->step_scalars, NUM_SCALARS);
+    return parameter_bytes;
+}
+
+// the device bytes of a model of this config for batches of B x T
+static size_t model_device_bytes(const ModelConfig* cfg, int B, int T) {
+    Model probe;
+    model_add_buffers(&probe, cfg, B, T);
+    return probe.buffers.bytes;
+}
+
+// Takes the host parameters (fp32, the config's layout) to the GPU. B, T: the largest batch.
+// Every device buffer is sized first: the run's total is printed, and a run that cannot fit
+// stops with that figure, and the largest batch that would fit, before anything is allocated.
+static void model_init(Model* m, const ModelConfig* cfg, const float* host_params, int B, int T, float aux_alpha, float z_beta) {
+    size_t parameter_bytes = model_add_buffers(m, cfg, B, T);
+    size_t need = m->buffers.bytes, P = m->num_params;
+    printf("GPU memory: %.2f GiB, of which %.2f GiB parameters, gradients and moments, %.2f GiB activations (B=%d, T=%d)\n",
+           need / 1073741824.0, parameter_bytes / 1073741824.0, (need - parameter_bytes) / 1073741824.0, B, T);
+    size_t free_bytes = 0, total_bytes = 0;
+    cudaCheck(cudaMemGetInfo(&free_bytes, &total_bytes));
+    if (need > free_bytes) {
+        int fits = B - 1;
+        while (fits > 0 && model_device_bytes(cfg, fits, T) > free_bytes) { fits--; }
+        char advice[128];
+        if (fits > 0) {
+            snprintf(advice, sizeof(advice), "at -t %d the largest batch that fits is -b %d (-d keeps more tokens per step by accumulation)", T, fits);
+        } else {
+            snprintf(advice, sizeof(advice), "not even -b 1 fits at -t %d: a shorter sequence (-t) or fewer experts (-e) needs less", T);
+        }
+        die("out of GPU memory: this run needs %.2f GiB, %.2f of %.2f GiB free; %s", need / 1073741824.0, free_bytes / 1073741824.0,
+            total_bytes / 1073741824.0, advice);
+    }
+    buffers_allocate(&m->buffers);
+    m->aux_alpha = aux_alpha;
+    m->z_beta = z_beta;
+
+    cudaCheck(cudaMemcpy(m->master, host_params, P * sizeof(float), cudaMemcpyHostToDevice));
+    cudaCheck(cudaStreamCreate(&m->stream));
+#if defined(ENABLE_FP32)
+    m->working = m->master;
+#else
+    copy_to_working(m->working, m->master, P, m->stream);
+#endif
+    cudaCheck(cudaMemset(m->m, 0, P * sizeof(float)));
+    cudaCheck(cudaMemset(m->v, 0, P * sizeof(float)));
+    point_parameters(&m->params, m->working, m->param_sizes);
+    point_parameters(&m->master_t, m->master, m->param_sizes);
+    point_parameters(&m->grads_t, m->grads, m->param_sizes);
+    batch_init(&m->batch);
+    for (int l = 0; l < cfg->num_layers; l++) {
+        if (cfg->is_moe_layer[l]) { routing_ready(&m->layers[l].routing); }
+    }
     cudaCheck(cudaMemset(m->step_scalars, 0, NUM_SCALARS * sizeof(float)));
     m->collect_stats = false;
     cudaCheck(cudaDeviceSynchronize());
-    printf("GPU memory: %.2f GiB of parameters, gradients and moments\n", (P * (16.0 + (m->working != (floatX*)m->master ? sizeof(floatX) : 0))) / (1 << 30));
 }
 
 static void model_free(Model* m) {
-    for (LayerActivations& a : m->layers) {
-        void* ps[] = {a.ln1, a.ln1_mean, a.ln1_rstd, a.qkv, a.atty, a.att_lse, a.residual2, a.ln2, a.ln2_mean, a.ln2_rstd,
-                      a.fch, a.fch_gelu, a.expert_input, a.expert_fch, a.expert_fch_gelu, a.expert_output, a.residual3};
-        for (void* p : ps) { cudaCheck(cudaFree(p)); }
-        if (m->config.is_moe_layer[&a - &m->layers[0]]) { routing_free(&a.routing); }
-    }
-    void* ps[] = {m->master, m->grads, m->m, m->v, m->encoded, m->lnf, m->lnf_mean, m->lnf_rstd, m->logits, m->losses, m->mlp_out,
-                  m->dresidual, m->dbuf, m->dqkv, m->dhidden, m->dhidden2, m->dexpert_output, m->dexpert_input, m->scratch,
-                  m->step_scalars};
-    for (void* p : ps) { cudaCheck(cudaFree(p)); }
-    if ((void*)m->working != (void*)m->master) { cudaCheck(cudaFree(m->working)); }
+    buffers_free(&m->buffers);
     batch_free(&m->batch);
     cudaCheck(cudaStreamDestroy(m->stream));
 }
@@ -490,12 +530,24 @@ static void report_routing(Model* m, TrainingRun* run, int step) {
     }
 }
 
-// dense bf16 (or fp32) peak of the GPU, for the MFU figure; 0 when unknown
+// The GPU's dense peak for this precision, for the MFU figure; 0 (no MFU printed) for a GPU not
+// listed. NVIDIA's datasheet figures: bf16 tensor cores with fp32 sums, without sparsity; fp32
+// on the CUDA cores (the FP32 build never uses TF32). The first entry whose name the GPU's name
+// contains wins, so the more specific names come first ("H100 PCIe" before "H100", "L40S"
+// and "L40" before "L4"). GH200 matches "H200" (the same H100 chip).
 static double peak_flops(const cudaDeviceProp* prop) {
-    std::string name = prop->name;
+    struct Peak {
+        const char* name;
+        double bf16, fp32;
+    };
+    static const Peak peaks[] = {
+        {"H100 PCIe", 756e12, 51e12}, {"H100 NVL", 835e12, 60e12}, {"H100", 989e12, 67e12}, {"H200", 989e12, 67e12},
+        {"A100", 312e12, 19.5e12},    {"L40S", 362e12, 91.6e12},   {"L40", 181e12, 90.5e12}, {"L4", 121e12, 30.3e12},
+    };
     bool fp32 = strcmp(PRECISION_NAME, "FP32") == 0;
-    if (name.find("H100") != std::string::npos || name.find("H200") != std::string::npos) { return fp32 ? 67e12 : 989e12; }
-    if (name.find("A100") != std::string::npos) { return fp32 ? 19.5e12 : 312e12; }
+    for (const Peak& p : peaks) {
+        if (strstr(prop->name, p.name) != NULL) { return fp32 ? p.fp32 : p.bf16; }
+    }
     return 0.0;
 }
 
@@ -529,7 +581,7 @@ int main(int argc, char** argv) {
     model_init(&model, &run.config, run.params, run.B, run.T, (float)run.args.aux_loss, (float)run.args.z_loss);
     size_t P = model.num_params;
     std::vector<float> host_m(P, 0.0f), host_v(P, 0.0f);
-    run_initial_moments(&run, host_m.data(), host_v.data(), P);
+    run_start(&run, host_m.data(), host_v.data(), P);
     model_upload_moments(&model, host_m.data(), host_v.data());
     double peak = peak_flops(&prop);
 

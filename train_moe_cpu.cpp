@@ -1164,7 +1164,7 @@ int main(int argc, char** argv) {
     run_init(&run);
     Model model;
     model_init(&model, &run.config, run.params, run.B, run.T, (float)run.args.aux_loss, (float)run.args.z_loss);
-    run_initial_moments(&run, model.m_memory, model.v_memory, model.num_params);
+    run_start(&run, model.m_memory, model.v_memory, model.num_params);
 #ifdef _OPENMP
     printf("CPU twin, fp32, %d OpenMP threads\n", omp_get_max_threads());
 #endif

@@ -95,7 +95,7 @@ static inline void run_init(TrainingRun* run) {
         dataloader_init(&run->val, a.val_data.c_str(), run->B, run->T, cfg.vocab_size);
     }
     tokenizer_init(&run->tokenizer, a.tokenizer.c_str());
-    logger_init(&run->logger, run->have_output ? a.output_dir.c_str() : NULL, run->resuming);
+    logger_init(&run->logger, NULL, false);  // closed until run_start
     if (!run->have_output) { printf("no -o: no log and no checkpoints will be written\n"); }
 
     run->max_steps = a.max_steps;
@@ -109,9 +109,11 @@ static inline void run_init(TrainingRun* run) {
            run->B, run->T, run->total_batch, run->grad_accum, run->max_steps, (long long)run->train.num_batches);
 }
 
-// Fills the AdamW moments m, v (the model's size, host memory) for the start of the run: the
-// resume state's, the dense run's (--init-optimizer), or leaves them as they are (zeros).
-static inline void run_initial_moments(TrainingRun* run, float* m, float* v, size_t num_params) {
+// The last step before training, once the engine has built its model: fills the AdamW moments
+// m, v (the model's size, host memory) with the resume state's, the dense run's
+// (--init-optimizer), or leaves them as they are (zeros); then opens the logs. A run that fails
+// to start (a model too large for the GPU, a resume state that does not match) leaves no log.
+static inline void run_start(TrainingRun* run, float* m, float* v, size_t num_params) {
     if (run->resuming) {
         TrainState s;
         read_train_state(checkpoint_path(run->args.output_dir, "state", run->start_step).c_str(), &s, m, v, num_params);
@@ -128,6 +130,7 @@ static inline void run_initial_moments(TrainingRun* run, float* m, float* v, siz
     } else if (!run->args.init_optimizer.empty()) {
         run->adam_step_offset = upcycle_optimizer_state(&run->args, &run->config, m, v);
     }
+    logger_init(&run->logger, run->have_output ? run->args.output_dir.c_str() : NULL, run->resuming);
 }
 
 // the model file, the resume state, then the DONE marker (train_state.h); host buffers

@@ -1,6 +1,7 @@
 /*
-What every kernel header shares: the activation type floatX, checked CUDA and cuBLAS calls, type
-conversions and deterministic warp and block reductions.
+What every kernel header shares: the activation type floatX, checked CUDA and cuBLAS calls, the
+list of a program's device buffers (sized before any is allocated), type conversions and
+deterministic warp and block reductions.
 
 Precision (make PRECISION=BF16, the default, or PRECISION=FP32):
   - activations and the working copy of the weights are floatX: bf16, or fp32 with -DENABLE_FP32;
@@ -15,6 +16,7 @@ same GPU model with the same cuBLAS (cuBLASLt's heuristic picks its algorithm pe
 #include <cuda_bf16.h>
 #include <cublasLt.h>
 #include <cublas_v2.h>
+#include <vector>
 #include "../common/utils.h"
 
 #if defined(ENABLE_FP32)
@@ -57,6 +59,45 @@ static inline T* cuda_malloc(size_t count) {
     }
     cudaCheck(err);
     return p;
+}
+
+// ----------------------------------------------------------------------------
+// a program's device buffers, sized before any is allocated
+
+// The list of (where a buffer's pointer goes, its bytes). A program adds every buffer, then
+// allocates them all: the total is known before the first cudaMalloc, so a run too large for the
+// GPU stops at once with the whole figure, not at whichever buffer happens to be the one that no
+// longer fits; and one loop frees them all. Each buffer is still its own cudaMalloc of its exact
+// size (the emulation's memcheck sees a kernel that runs past one).
+struct DeviceBuffers {
+    struct Buffer {
+        void** slot;
+        size_t bytes;
+    };
+    std::vector<Buffer> list;
+    size_t bytes = 0;   // in all
+};
+
+template <typename T>
+static inline void buffers_add(DeviceBuffers* d, T** slot, size_t count) {
+    *slot = NULL;
+    d->list.push_back({(void**)slot, count * sizeof(T)});
+    d->bytes += count * sizeof(T);
+}
+
+// Allocates every buffer of the list (a caller that wants one clear line when they cannot all fit
+// compares d->bytes with cudaMemGetInfo's free bytes first, as train_moe's model_init does).
+static inline void buffers_allocate(DeviceBuffers* d) {
+    for (const DeviceBuffers::Buffer& b : d->list) { *b.slot = cuda_malloc<char>(b.bytes); }
+}
+
+static inline void buffers_free(DeviceBuffers* d) {
+    for (const DeviceBuffers::Buffer& b : d->list) {
+        cudaCheck(cudaFree(*b.slot));
+        *b.slot = NULL;
+    }
+    d->list.clear();
+    d->bytes = 0;
 }
 
 static inline int ceil_div_int(long long a, long long b) { return (int)((a + b - 1) / b); }

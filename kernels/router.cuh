@@ -61,7 +61,6 @@ struct DeviceRouting {
     int* assignments;          // (E) choices of each expert before dropping
     double* prob_sums;         // (E) sum over the tokens of p[t][e], for the balance loss
     int* counts;               // (2) assignments in all, dropped ones
-    int* num_dropped;          // counts + 1
     float* balance_loss;       // (1) E * sum_e f_e P_e
     float* z_loss;             // (1) mean_t lse_t^2
     // backward
@@ -489,52 +488,47 @@ __global__ void routing_stats_kernel(double* stats, const int* assignments, cons
 static int router_warps_per_block(int E) { return E <= 256 ? 8 : 2; }
 static size_t router_shared_bytes(int E) { return (size_t)router_warps_per_block(E) * E * (sizeof(float) + sizeof(int)); }
 
-// Buffers for up to N tokens, E experts, top-k (expert choice: k = 0 is fine), max_rows rows, C channels.
-static void routing_alloc(DeviceRouting* r, int N, int E, int k, int max_rows, int C) {
+// Adds the routing's buffers to d, for up to N tokens, E experts, top-k (expert choice: k = 0 is
+// fine), max_rows rows, C channels; routing_ready once d is allocated.
+static void routing_add_buffers(DeviceRouting* r, DeviceBuffers* d, int N, int E, int k, int max_rows, int C) {
     memset(r, 0, sizeof(*r));
     r->N = N;
     r->E = E;
     r->k = k;
     r->C = C;
     r->max_rows = max_rows;
-    size_t NE = (size_t)N * E, Nk = (size_t)N * std::max(k, 1);
-    r->logits = cuda_malloc<float>(NE);
-    r->probs = cuda_malloc<float>(NE);
-    r->lse = cuda_malloc<float>(N);
-    r->choice_expert = cuda_malloc<int>(Nk);
-    r->choice_weight = cuda_malloc<float>(Nk);
-    r->choice_row = cuda_malloc<int>(Nk);
-    r->pair_row = cuda_malloc<int>(NE);
-    r->tokens_per_expert = cuda_malloc<int>(E);
-    r->expert_offsets = cuda_malloc<int>(E + 1);
-    r->row_token = cuda_malloc<int>(std::max(max_rows, 1));
-    r->row_weight = cuda_malloc<float>(std::max(max_rows, 1));
-    r->token_row_offsets = cuda_malloc<int>(N + 1);
-    r->token_rows = cuda_malloc<int>(std::max(max_rows, 1));
-    r->assignments = cuda_malloc<int>(E);
-    r->prob_sums = cuda_malloc<double>(E);
-    r->counts = cuda_malloc<int>(2);
-    r->num_dropped = r->counts + 1;
-    float* losses = cuda_malloc<float>(2);
-    r->balance_loss = losses;
-    r->z_loss = losses + 1;
-    r->drow_weight = cuda_malloc<float>(std::max(max_rows, 1));
-    r->dlogits = cuda_malloc<float>(NE);
-    r->drouterw_partial = cuda_malloc<float>((size_t)ceil_div_int(N, ROUTER_TOKEN_CHUNK) * E * C);
-    r->stats = cuda_malloc<double>(E + 4);
-    cudaCheck(cudaMemset(r->stats, 0, (E + 4) * sizeof(double)));
-    // the warp-per-token kernels' shared memory can exceed the 48 KiB default for large E
-    size_t smem = router_shared_bytes(E);
-    cudaCheck(cudaFuncSetAttribute(router_scores_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
-    cudaCheck(cudaFuncSetAttribute(router_backward_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+    size_t NE = (size_t)N * E, Nk = (size_t)N * std::max(k, 1), rows = std::max(max_rows, 1);
+    buffers_add(d, &r->logits, NE);
+    buffers_add(d, &r->probs, NE);
+    buffers_add(d, &r->lse, N);
+    buffers_add(d, &r->choice_expert, Nk);
+    buffers_add(d, &r->choice_weight, Nk);
+    buffers_add(d, &r->choice_row, Nk);
+    buffers_add(d, &r->pair_row, NE);
+    buffers_add(d, &r->tokens_per_expert, E);
+    buffers_add(d, &r->expert_offsets, E + 1);
+    buffers_add(d, &r->row_token, rows);
+    buffers_add(d, &r->row_weight, rows);
+    buffers_add(d, &r->token_row_offsets, N + 1);
+    buffers_add(d, &r->token_rows, rows);
+    buffers_add(d, &r->assignments, E);
+    buffers_add(d, &r->prob_sums, E);
+    buffers_add(d, &r->counts, 2);
+    buffers_add(d, &r->balance_loss, 1);
+    buffers_add(d, &r->z_loss, 1);
+    buffers_add(d, &r->drow_weight, rows);
+    buffers_add(d, &r->dlogits, NE);
+    buffers_add(d, &r->drouterw_partial, (size_t)ceil_div_int(N, ROUTER_TOKEN_CHUNK) * E * C);
+    buffers_add(d, &r->stats, E + 4);
 }
 
-static void routing_free(DeviceRouting* r) {
-    void* ps[] = {r->logits, r->probs, r->lse, r->choice_expert, r->choice_weight, r->choice_row, r->pair_row,
-                  r->tokens_per_expert, r->expert_offsets, r->row_token, r->row_weight, r->token_row_offsets, r->token_rows,
-                  r->assignments, r->prob_sums, r->counts, r->balance_loss, r->drow_weight, r->dlogits, r->drouterw_partial, r->stats};
-    for (void* p : ps) { cudaCheck(cudaFree(p)); }
-    memset(r, 0, sizeof(*r));
+// the allocated routing's statistics cleared and its kernels' shared memory set
+static void routing_ready(DeviceRouting* r) {
+    cudaCheck(cudaMemset(r->stats, 0, (r->E + 4) * sizeof(double)));
+    // the warp-per-token kernels' shared memory can exceed the 48 KiB default for large E
+    size_t smem = router_shared_bytes(r->E);
+    cudaCheck(cudaFuncSetAttribute(router_scores_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+    cudaCheck(cudaFuncSetAttribute(router_backward_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
 }
 
 // The routing of n tokens h (n, C) with the fp32 router weights routerw (E, C): scores, choices,

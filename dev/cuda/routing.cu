@@ -103,7 +103,10 @@ static void validate_mode(const Mode& m, int N, int C, int distinct = 0) {
 
     // the GPU
     DeviceRouting dr;
-    routing_alloc(&dr, N, E, k, rows_max, C);
+    DeviceBuffers routing_buffers;
+    routing_add_buffers(&dr, &routing_buffers, N, E, k, rows_max, C);
+    buffers_allocate(&routing_buffers);
+    routing_ready(&dr);
     floatX* d_h = to_device<floatX>(h);
     float* d_routerw = to_device<float>(routerw);
     floatX* d_expert_output = to_device<floatX>(expert_output);
@@ -138,7 +141,7 @@ static void validate_mode(const Mode& m, int N, int C, int distinct = 0) {
         snprintf(name, sizeof(name), "unpermute_tokens [%s]", shape);
         check_close(name, to_host(d_y, (size_t)N * C), y_ref, 1e-5, 1e-2);
     }
-    routing_free(&dr);
+    buffers_free(&routing_buffers);
     for (void* p : std::initializer_list<void*>{d_h, d_routerw, d_expert_output, d_permuted, d_y}) { cudaCheck(cudaFree(p)); }
 }
 
@@ -157,7 +160,10 @@ static void benchmark() {
         ModelConfig cfg = routing_config(m, C);
         int rows_max = max_routing_rows(&cfg, N);
         DeviceRouting dr;
-        routing_alloc(&dr, N, m.E, m.k, rows_max, C);
+        DeviceBuffers routing_buffers;
+        routing_add_buffers(&dr, &routing_buffers, N, m.E, m.k, rows_max, C);
+        buffers_allocate(&routing_buffers);
+        routing_ready(&dr);
         floatX* d_h = to_device<floatX>(random_vector((size_t)N * C, 21));
         float* d_routerw = to_device<float>(random_vector((size_t)m.E * C, 22, 0.02f));
         floatX* d_rows = to_device<floatX>(random_vector((size_t)rows_max * C, 23));
@@ -197,7 +203,7 @@ static void benchmark() {
         printf("%-28s %5d rows: router_forward %.3f ms, permute %.3f ms, unpermute %.3f ms, backward (all three) %.3f ms; "
                "together %.3f ms = %.1f%% of the expert MLP's %.3f ms\n",
                m.name, rows, route_ms, permute_ms, unpermute_ms, backward_ms, routing_ms, 100.0 * routing_ms / mlp_ms, mlp_ms);
-        routing_free(&dr);
+        buffers_free(&routing_buffers);
         for (void* p : std::initializer_list<void*>{d_h, d_routerw, d_rows, d_rows2, d_y, d_dh, d_drouterw, w1, w2, b1, b2, fch, fch_gelu, dfch,
                                                     dfch_gelu, grads}) {
             cudaCheck(cudaFree(p));

@@ -19,8 +19,9 @@
 # last block, see tests/emu/cuda_emu.h), trains one step at full width and length (T=1024, B up
 # to 64, GPT-2 small and XL widths, several routers): "emu.scale" checks that every launch keeps
 # to the CUDA limits, that no index overflows an int in the blocks with the largest indices,
-# that copies and cuBLASLt operands stay inside their allocations, and reports the device memory
-# allocated; on a 4 GiB device the same run must stop with one out-of-memory line.
+# that copies and cuBLASLt operands stay inside their allocations, and that the device memory
+# allocated is what train_moe planned before allocating; on a 4 GiB device the same run must stop
+# with one out-of-memory line whose advice (the largest batch that fits) is right.
 # Called by tests/run_tests.sh with its temporary folder (NAME.state, NAME.options, dense.bin,
 # shard.bin). Every check is prefixed "emu." so that it is never mistaken for a check on a GPU.
 set -u
@@ -226,31 +227,51 @@ with open(sys.argv[1], "wb") as f:
 scale_report() {
     local name=$1 precision=$2 options=$3
     local log=$OUT/scale_$name.$precision.out label="emu.scale[$name.$precision]"
-    local failed launches memory
+    local failed launches memory planned
     failed=$(report "$log" "" "$label")  # a sanitizer's report or a non-zero exit status
     launches=$(grep -m 1 -o 'sampled: [0-9]* launches' "$log" | grep -o '[0-9]*')
-    memory=$(grep -m 1 -o 'peak memory [0-9.]* GiB' "$log" | grep -o '[0-9.]* GiB')
+    memory=$(grep -m 1 -o 'peak memory [0-9.]* GiB' "$log" | grep -o '[0-9.]*')
+    planned=$(grep -m 1 -o '^GPU memory: [0-9.]* GiB' "$log" | grep -o '[0-9.]*')
     if [ -n "$failed" ]; then
         echo "$failed"
-    elif ! grep -q -E '^step +1/1 \|' "$log" || [ -z "$launches" ] || [ -z "$memory" ]; then
-        echo "FAIL $label: expected a step, its launch count and memory: $(grep -v '^ ' "$log" | tail -n 2 | tr '\n' ' ' | cut -c1-300)"
+    elif ! grep -q -E '^step +1/1 \|' "$log" || [ -z "$launches" ] || [ -z "$memory" ] || [ -z "$planned" ]; then
+        echo "FAIL $label: expected a step, its launch count, the planned and the allocated memory: $(grep -v '^ ' "$log" | tail -n 2 | tr '\n' ' ' | cut -c1-300)"
+    elif ! awk -v p="$planned" -v m="$memory" 'BEGIN { d = m - p; exit !(d >= 0.015 && d <= 0.045) }'; then
+        # the model's list of buffers holds every cudaMalloc but cuBLASLt's 32 MiB workspace
+        echo "FAIL $label: $planned GiB planned, $memory GiB allocated: expected the plan plus the 0.03 GiB cuBLASLt workspace"
     else
-        echo "PASS $label: a training step and validation at $options -t 1024, sampled: $launches launches in the CUDA limits, no overflow or out-of-bounds report; $memory of device memory allocated"
+        echo "PASS $label: a training step and validation at $options -t 1024, sampled: $launches launches in the CUDA limits, no overflow or out-of-bounds report; $memory GiB allocated: the $planned GiB planned and cuBLASLt's workspace"
     fi
 }
 
-# scale_oom_report: the out-of-memory run's PASS or FAIL line: exit 1, one error line that says
-# what was asked and what is free, no checkpoint
+# scale_oom_report: the out-of-memory runs' PASS or FAIL lines. The top2 run on a 4 GiB device:
+# exit 1, one error line that says what the run needs, what is free and the largest batch that
+# fits, nothing written (no checkpoint, no log); then that batch must start (a validation pass)
+# and one more must not.
 scale_oom_report() {
-    local log=$OUT/scale_oom.BF16.out
-    local rc errors
+    local log=$OUT/scale_oom.BF16.out label="emu.scale[out_of_memory.BF16]"
+    local rc errors fits
     rc=$(cat "$log.rc" 2>/dev/null || echo "?")
     errors=$(grep -c '^error: ' "$log")
-    if [ "$rc" = 1 ] && [ "$errors" = 1 ] && grep -q -E '^error: out of GPU memory: [0-9.]+ MiB asked, [0-9.]+ of 4096.0 MiB free' "$log" \
-        && [ -z "$(find "$OUT/scale_oom" -name '*.bin' 2>/dev/null)" ]; then
-        echo "PASS emu.scale[out_of_memory.BF16]: the top2 run on a 4 GiB device stops with one line: $(grep '^error: ' "$log" | cut -c1-160)"
+    fits=$(grep -m 1 -o -E 'the largest batch that fits is -b [0-9]+' "$log" | grep -o -E '[0-9]+$')
+    if [ "$rc" = 1 ] && [ "$errors" = 1 ] && [ -n "$fits" ] && [ -z "$(find "$OUT/scale_oom" -type f 2>/dev/null)" ] \
+        && grep -q -E '^error: out of GPU memory: this run needs [0-9.]+ GiB, [0-9.]+ of 4.00 GiB free; at -t 1024 the largest batch' "$log"; then
+        echo "PASS $label: the top2 run (-b 64) on a 4 GiB device stops before allocating, with one line: $(grep '^error: ' "$log" | cut -c1-220)"
     else
-        echo "FAIL emu.scale[out_of_memory.BF16]: exit status $rc, $errors error lines, expected 1 and one 'error: out of GPU memory' line: $(tail -n 2 "$log" | tr '\n' ' ' | cut -c1-300)"
+        echo "FAIL $label: exit status $rc, $errors error lines, expected 1, one 'error: out of GPU memory: this run needs' line with the largest batch that fits, and no file in $OUT/scale_oom: $(tail -n 2 "$log" | tr '\n' ' ' | cut -c1-300)"
+        return
+    fi
+    log=$OUT/scale_oom_fits.BF16.out
+    if [ "$(cat "$log.rc" 2>/dev/null)" = 0 ] && grep -q '^step 0 | val loss' "$log"; then
+        echo "PASS emu.scale[out_of_memory_advice.BF16]: -b $fits, as advised, fits the 4 GiB device: $(grep -m 1 '^GPU memory:' "$log" | cut -c1-60)"
+    else
+        echo "FAIL emu.scale[out_of_memory_advice.BF16]: -b $fits, as advised, did not run on the 4 GiB device: $(tail -n 2 "$log" | tr '\n' ' ' | cut -c1-300)"
+    fi
+    log=$OUT/scale_oom_over.BF16.out
+    if [ "$(cat "$log.rc" 2>/dev/null)" = 1 ] && grep -q '^error: out of GPU memory: this run needs' "$log"; then
+        echo "PASS emu.scale[out_of_memory_largest.BF16]: -b $((fits + 1)) does not fit: the advice is the largest batch"
+    else
+        echo "FAIL emu.scale[out_of_memory_largest.BF16]: -b $((fits + 1)) was expected not to fit the 4 GiB device: $(tail -n 2 "$log" | tr '\n' ' ' | cut -c1-300)"
     fi
 }
 
@@ -288,14 +309,22 @@ while IFS='|' read -r name precisions options; do
         run forward "$OUT/scale_$name.$precision.out" env EMU_SAMPLE=1 "$bin" $SCALE_COMMON $options &
     done
 done <<< "$SCALE_CONFIGS"
-# the top2 run on a 4 GiB device: out of memory, which must say so in one line
+# the top2 run on a 4 GiB device: out of memory, which must say so in one line with the largest
+# batch that fits; then that batch (no step, the validation pass only) and one more
 bin=$(binary train_moe BF16 forward)
 if [ -x "$bin" ]; then
     throttle
     rm -rf "$OUT/scale_oom"
     # shellcheck disable=SC2086
-    run forward "$OUT/scale_oom.BF16.out" env EMU_SAMPLE=1 EMU_DEVICE_GIB=4 "$bin" $SCALE_COMMON -m 2:768:12:1024 -e 8 -k 2 -b 64 \
-        -o "$OUT/scale_oom" &
+    (
+        oom() { run forward "$OUT/scale_oom$1.BF16.out" env EMU_SAMPLE=1 EMU_DEVICE_GIB=4 "$bin" $SCALE_COMMON -m 2:768:12:1024 -e 8 -k 2 "${@:2}"; }
+        oom "" -b 64 -o "$OUT/scale_oom"
+        fits=$(grep -m 1 -o -E 'the largest batch that fits is -b [0-9]+' "$OUT/scale_oom.BF16.out" | grep -o -E '[0-9]+$')
+        if [ -n "$fits" ]; then
+            oom _fits -b "$fits" -x 0
+            oom _over -b $((fits + 1)) -x 0
+        fi
+    ) &
 fi
 wait
 
