@@ -129,16 +129,19 @@ struct Model {
     cudaStream_t stream;
 };
 
+// the ints of the batch layout for up to N tokens (BatchBuffers::device)
+static size_t batch_ints(int N) { return 5 * (size_t)N + 1; }
+
 // the batch's device buffer, added to the model's list (batch_init once it is allocated)
 static void batch_add_buffers(BatchBuffers* b, DeviceBuffers* d, int N) {
     b->N = N;
-    buffers_add(d, &b->device, 5 * (size_t)N + 1);
+    buffers_add(d, &b->device, batch_ints(N));
 }
 
 static void batch_init(BatchBuffers* b) {
     int N = b->N;
     for (int i = 0; i < 2; i++) {
-        cudaCheck(cudaMallocHost(&b->staging[i], (5 * (size_t)N + 1) * sizeof(int)));
+        cudaCheck(cudaMallocHost(&b->staging[i], batch_ints(N) * sizeof(int)));
         cudaCheck(cudaEventCreateWithFlags(&b->uploaded[i], cudaEventDisableTiming));
         cudaCheck(cudaEventRecord(b->uploaded[i]));
     }
@@ -162,7 +165,7 @@ static void batch_upload(BatchBuffers* b, const int* inputs, const int* targets,
     memcpy(h, inputs, n * sizeof(int));
     if (targets) { memcpy(h + N, targets, n * sizeof(int)); } else { memset(h + N, 0, n * sizeof(int)); }
     b->num_buckets = encoder_prepare_buckets(inputs, n, h + 2 * N, h + 3 * N, h + 4 * N + 1);
-    cudaCheck(cudaMemcpyAsync(b->device, h, (5 * (size_t)N + 1) * sizeof(int), cudaMemcpyHostToDevice, stream));
+    cudaCheck(cudaMemcpyAsync(b->device, h, batch_ints(N) * sizeof(int), cudaMemcpyHostToDevice, stream));
     cudaCheck(cudaEventRecord(b->uploaded[slot], stream));
 }
 

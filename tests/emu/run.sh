@@ -244,6 +244,8 @@ scale_report() {
     fi
 }
 
+# advised_batch LOG: the largest batch an out-of-memory line in LOG says fits, if any
+advised_batch() { grep -m 1 -o -E 'the largest batch that fits is -b [0-9]+' "$1" | grep -o -E '[0-9]+$'; }
 # scale_oom_report: the out-of-memory runs' PASS or FAIL lines. The top2 run on a 4 GiB device:
 # exit 1, one error line that says what the run needs, what is free and the largest batch that
 # fits, nothing written (no checkpoint, no log); then that batch must start (a validation pass)
@@ -253,7 +255,7 @@ scale_oom_report() {
     local rc errors fits
     rc=$(cat "$log.rc" 2>/dev/null || echo "?")
     errors=$(grep -c '^error: ' "$log")
-    fits=$(grep -m 1 -o -E 'the largest batch that fits is -b [0-9]+' "$log" | grep -o -E '[0-9]+$')
+    fits=$(advised_batch "$log")
     if [ "$rc" = 1 ] && [ "$errors" = 1 ] && [ -n "$fits" ] && [ -z "$(find "$OUT/scale_oom" -type f 2>/dev/null)" ] \
         && grep -q -E '^error: out of GPU memory: this run needs [0-9.]+ GiB, [0-9.]+ of 4.00 GiB free; at -t 1024 the largest batch' "$log"; then
         echo "PASS $label: the top2 run (-b 64) on a 4 GiB device stops before allocating, with one line: $(grep '^error: ' "$log" | cut -c1-220)"
@@ -319,7 +321,7 @@ if [ -x "$bin" ]; then
     (
         oom() { run forward "$OUT/scale_oom$1.BF16.out" env EMU_SAMPLE=1 EMU_DEVICE_GIB=4 "$bin" $SCALE_COMMON -m 2:768:12:1024 -e 8 -k 2 "${@:2}"; }
         oom "" -b 64 -o "$OUT/scale_oom"
-        fits=$(grep -m 1 -o -E 'the largest batch that fits is -b [0-9]+' "$OUT/scale_oom.BF16.out" | grep -o -E '[0-9]+$')
+        fits=$(advised_batch "$OUT/scale_oom.BF16.out")
         if [ -n "$fits" ]; then
             oom _fits -b "$fits" -x 0
             oom _over -b $((fits + 1)) -x 0
