@@ -47,8 +47,11 @@ test_moe_cpu: test_moe_cpu.cpp train_moe_cpu.cpp tests/test_common.h $(COMMON_HE
 	$(CXX) $(CXXFLAGS) $(OMPFLAGS) -o $@ $< -lm
 
 # always rebuilt: the same name serves both precisions and any architecture
+# PTXAS_REPORT=DIR: also ptxas's resource report of every kernel (on stderr) and the PTX kept in
+# DIR, which tests/kernel_resources.py reads
 train_moe: train_moe.cu $(COMMON_HEADERS) $(CUDA_HEADERS)
-	$(NVCC) $(NVCCFLAGS) -o $(BUILD)/train_moe $< $(CUDA_LIBS)
+	$(if $(PTXAS_REPORT),mkdir -p $(PTXAS_REPORT))
+	$(NVCC) $(NVCCFLAGS) $(if $(PTXAS_REPORT),-Xptxas -v --keep --keep-dir $(PTXAS_REPORT)) -o $(BUILD)/train_moe $< $(CUDA_LIBS)
 
 test_moe: test_moe.cu train_moe.cu tests/test_common.h $(COMMON_HEADERS) $(CUDA_HEADERS)
 	$(NVCC) $(NVCCFLAGS) -o $(BUILD)/test_moe $< $(CUDA_LIBS)

@@ -44,8 +44,8 @@ What is emulated, faithfully enough for the kernels' logic:
     address. The thread switches are announced to AddressSanitizer (switch_context), and the
     scheduler's own functions are not instrumented (EMU_NOT_CHECKED).
   - full-size runs, sampled (EMU_SAMPLE=1): a launch of more than 64 blocks runs only its last
-    block, the device memory is mapped but untouched, cuBLASLt computes two corners; see
-    sampled() below for what that checks.
+    block, the device memory is mapped but untouched, cuBLASLt computes two corners from the
+    ends of its inner dimension; see sampled() below for what that checks.
 What is not: timing, the memory model between warps without a barrier (every write is seen at
 once), float atomics, races whose two outcomes happen to be equal. It checks what the kernels
 compute, not how fast.
@@ -83,7 +83,7 @@ compute, not how fast.
 #define __device__
 #define __host__
 #define __forceinline__ inline
-#define __launch_bounds__(...)
+#define __launch_bounds__(...)  // only where translate.py's rewrite (a check of each launch) does not apply
 #define __shared__ static  // only where translate.py's rewrite (filled at every block) does not apply
 #define __align__(n) alignas(n)
 
@@ -145,6 +145,18 @@ namespace emu {
 [[noreturn]] static void fail(const char* what) {
     fprintf(stderr, "CUDA emulation: %s\n", what);
     exit(3);
+}
+
+// A kernel's __launch_bounds__(max_threads), which translate.py turns into this call at the top
+// of its body: a GPU refuses a launch of more threads ("too many resources requested"), since
+// ptxas fitted the kernel's registers to that many.
+static void launch_bounds(unsigned long long max_threads, const char* kernel) {
+    unsigned long long threads = (unsigned long long)blockDim.x * blockDim.y * blockDim.z;
+    if (threads > max_threads) {
+        char what[200];
+        snprintf(what, sizeof(what), "launch of %s with %llu threads, more than its __launch_bounds__ (%llu)", kernel, threads, max_threads);
+        fail(what);
+    }
 }
 
 enum Wait { RUNNING, AT_WARP_BARRIER, AT_BLOCK_BARRIER, DONE };
@@ -465,7 +477,8 @@ static void run_block(unsigned bx, unsigned by, unsigned bz, size_t shared_bytes
 // EMU_SAMPLE=1: a launch of more than SAMPLE_WHOLE_BLOCKS blocks runs only its last block (the
 // largest blockIdx, so the largest indices); smaller ones (the reductions, the routing layout,
 // whose outputs later launches index with) run whole. The device memory is mapped but not
-// touched (it reads as zero), and cuBLASLt computes two corners of its output. A training step
+// touched (it reads as zero), and cuBLASLt computes two corners of its output, each from the
+// first and last of the inner dimension (a few pages read, not whole columns). A training step
 // at full size (T=1024, B=64, GPT-2's vocabulary) then runs in seconds and still checks what small
 // shapes cannot: the launch limits at real grid sizes, the index arithmetic of the last blocks
 // (with -fsanitize=signed-integer-overflow an int that overflows is reported), copies and
@@ -783,9 +796,10 @@ static void check_range(const void* p, size_t n, const char* who) {
         fail(what);
     }
 }
-// EMU_SAMPLE=1: the memory is mapped, not touched (zero pages, no host memory until written),
-// the buffer's end as close to an inaccessible guard page as 256-byte alignment allows, and a
-// guard page before its start
+// EMU_SAMPLE=1: the memory is mapped, not touched (it reads as zero; no host memory until written,
+// or, on kernels that back a read fault with a page of its own, until read: hence the few reads
+// of sampled mode), the buffer's end as close to an inaccessible guard page as 256-byte
+// alignment allows, and a guard page before its start
 static const size_t PAGE = 4096;
 static void* map_device(size_t bytes, Allocation* a) {
     size_t span = (bytes + PAGE - 1) / PAGE * PAGE;
@@ -793,8 +807,8 @@ static void* map_device(size_t bytes, Allocation* a) {
     a->mapping = mmap(NULL, a->mapped, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
     if (a->mapping == MAP_FAILED) { return NULL; }
     char* base = (char*)a->mapping;
-    // huge pages: a kernel that reads untouched memory reads the huge zero page, instead of
-    // taking a page fault every 4 KiB (about 10 us each on this project's machines: a sampled
+    // huge pages: a kernel that reads untouched memory reads the huge zero page (where the
+    // kernel maps it), instead of taking a page fault every 4 KiB (about 10 us each on this project's machines: a sampled
     // step took 40 s with 4 KiB pages, 0.4 s with huge pages)
     madvise(base, a->mapped, MADV_HUGEPAGE);
     mprotect(base, PAGE, PROT_NONE);
@@ -990,9 +1004,15 @@ static inline cublasStatus_t cublasLtMatmul(cublasLtHandle_t, cublasLtMatmulDesc
     }
     if (d->epilogue == CUBLASLT_EPILOGUE_BIAS) { emu::check_range(d->bias, m * emu::element_bytes(ld->type), "cuBLASLt bias"); }
     float a = *(const float*)alpha, b = *(const float*)beta;
+    // EMU_SAMPLE=1: of the inner dimension, only its first and last elements. That mode checks no
+    // values; the operands' extreme addresses are still read, while a whole row of A or column
+    // of B would read a page per element, and a kernel that backs a read fault with memory of its
+    // own (some do, instead of the zero page) then holds gigabytes: 13 GiB for one column of the
+    // fp32 dlogits at B=64, and a run killed for want of memory
+    uint64_t inner_step = emu::sampled() && k > 1 ? k - 1 : 1;
     auto element = [&](uint64_t i, uint64_t j) {
         float acc = 0.0f;
-        for (uint64_t p = 0; p < k; p++) {
+        for (uint64_t p = 0; p < k; p += inner_step) {
             float x = emu::load(A, la->type, ta ? i * la->ld + p : p * la->ld + i);
             float y = emu::load(Bm, lb->type, tb ? p * lb->ld + j : j * lb->ld + p);
             acc += x * y;

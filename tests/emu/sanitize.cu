@@ -2,7 +2,7 @@
 The emulation's own check that its sanitized builds (tests/emu/run.sh, g++ -fsanitize=address
 and the alignment and overflow checks of -fsanitize=undefined) catch the memory errors
 compute-sanitizer's memcheck catches on a GPU, and that the emulator's own checks (launch
-limits, copies inside their allocations, the sampled runs of EMU_SAMPLE=1) report what they
+limits, __launch_bounds__, copies inside their allocations, the sampled runs of EMU_SAMPLE=1) report what they
 should. `sanitize list` prints each case with the words its report must contain; `sanitize CASE`
 runs one. A case with no words must exit 0 without a report; every other case makes one
 deliberate error, most of them ones a GPU would not fault on (a read a few bytes past a
@@ -77,6 +77,10 @@ __global__ void size_t_index(float* out, const float* in) {
     if (i < THREADS) { out[i] = in[i]; }
 }
 
+// A kernel that declares its block size: ptxas may give it as many registers as THREADS threads
+// allow, so a GPU refuses a launch of more.
+__global__ void __launch_bounds__(THREADS) bounded(float* out, const float* in) { out[threadIdx.x % THREADS] = in[threadIdx.x % THREADS]; }
+
 struct Case {
     const char* name;
     const char* report;  // words the report must contain; "": no report, exit status 0
@@ -100,6 +104,8 @@ static const Case CASES[] = {
     {"copy_past_allocation", "past its end", clean, 1, THREADS, THREADS * sizeof(float), false, false, THREADS + 1},
     {"shared_over_48k_with_attribute", "", clean, 1, THREADS, 64 * 1024, true},
     {"shared_over_48k_without_attribute", "without cudaFuncSetAttribute", clean, 1, THREADS, 64 * 1024},
+    {"launch_within_bounds", "", bounded},
+    {"launch_past_bounds", "more than its __launch_bounds__ (64)", bounded, 1, 2 * THREADS},
     {"sampled_size_t_index", "", size_t_index, OVERFLOW_BLOCKS, 1024, 0, false, true},
     {"sampled_int_index_overflow", "signed integer overflow", int_index, OVERFLOW_BLOCKS, 1024, 0, false, true},
 };

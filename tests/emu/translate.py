@@ -11,6 +11,7 @@ Rewrites, in .cu and .cuh files only:
   extern __shared__ [__align__(n)] T name[];         ->  T* name = (T*)emu::dynamic_shared();
   __shared__ T name[dims];                           ->  static T name[dims]; emu::shared_at_block_start(&name, sizeof(name));
   asm volatile("ptx" : outputs : inputs);             ->  emu::ptx("ptx", {emu::out(..), .., emu::in(..), ..});
+  __global__ void __launch_bounds__(N) name(..) {    ->  __global__ void name(..) { emu::launch_bounds(N, "name");
   #include <cuda_runtime.h> and the other CUDA headers -> removed (cuda_emu.h is force-included)
 """
 import os
@@ -134,12 +135,36 @@ def rewrite_asm(text):
         pos = close + 1
 
 
+def rewrite_launch_bounds(text):
+    """__global__ void __launch_bounds__(N) name(params) { -> __global__ void name(params) {
+    emu::launch_bounds(N, "name"); (a launch of more threads is an error, as on a GPU)"""
+    out, pos = [], 0
+    pattern = re.compile(r'__global__\s+void\s+(__launch_bounds__)\s*\(')
+    while True:
+        found = pattern.search(text, pos)
+        if not found:
+            out.append(text[pos:])
+            return ''.join(out)
+        i, open_bounds = found.start(1), found.end() - 1
+        close_bounds = matching(text, open_bounds, '(', ')')
+        bounds = text[open_bounds + 1:close_bounds]
+        m = re.compile(r'\s*(\w+)\s*\(').match(text, close_bounds + 1)
+        if not m:
+            raise ValueError("__launch_bounds__ not followed by a kernel's name at %d" % i)
+        body = text.index('{', matching(text, m.end() - 1, '(', ')'))
+        out.append(text[pos:i])
+        out.append(text[close_bounds + 1:body + 1])  # the same lines: the sanitizer reports line numbers
+        out.append(' emu::launch_bounds((unsigned long long)(%s), "%s");' % (bounds, m.group(1)))
+        pos = body + 1
+
+
 def translate(text):
     text = CUDA_INCLUDES.sub('', text)
     text = EXTERN_SHARED.sub(lambda m: '%s* %s = (%s*)emu::dynamic_shared();' % (m.group(1), m.group(2), m.group(1)), text)
     text = STATIC_SHARED.sub(lambda m: 'static %s %s%s; emu::shared_at_block_start(&%s, sizeof(%s));'
                              % (m.group(1), m.group(2), m.group(3), m.group(2), m.group(2)), text)
     text = rewrite_asm(text)
+    text = rewrite_launch_bounds(text)
     return rewrite_launches(text)
 
 
