@@ -49,7 +49,7 @@ def demangle(names):
 
 def ptxas_report(path):
     """(kernel, arch) -> {registers, stack, spill_stores, spill_loads} from nvcc -Xptxas -v"""
-    kernels, current = {}, None
+    kernels, current, properties = {}, None, None
     for line in open(path, errors="replace"):
         m = re.search(r"Compiling entry function '(\S+)' for '(sm_\d+a?)'", line)
         if m:
@@ -58,8 +58,12 @@ def ptxas_report(path):
             continue
         if current is None:
             continue
+        m = re.search(r"Function properties for (\S+)", line)
+        if m:  # the kernel's own, or a called function's (not inlined), whose figures are not its
+            properties = m.group(1)
+            continue
         m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)
-        if m:
+        if m and properties == current[0]:
             k = kernels[current]
             k["stack"], k["spill_stores"], k["spill_loads"] = (int(g) for g in m.groups())
         m = re.search(r"Used (\d+) registers", line)
