@@ -808,8 +808,8 @@ static void* map_device(size_t bytes, Allocation* a) {
     if (a->mapping == MAP_FAILED) { return NULL; }
     char* base = (char*)a->mapping;
     // huge pages: a kernel that reads untouched memory reads the huge zero page (where the
-    // kernel maps it), instead of taking a page fault every 4 KiB (about 10 us each on this project's machines: a sampled
-    // step took 40 s with 4 KiB pages, 0.4 s with huge pages)
+    // kernel maps it), instead of taking a page fault every 4 KiB (about 10 us each on this
+    // project's machines: a sampled step took 40 s with 4 KiB pages, 0.4 s with huge pages)
     madvise(base, a->mapped, MADV_HUGEPAGE);
     mprotect(base, PAGE, PROT_NONE);
     mprotect(base + PAGE + span, PAGE, PROT_NONE);
