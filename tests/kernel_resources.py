@@ -17,7 +17,8 @@ with "too many resources requested for launch". The rule it checks:
     registers: a heavier kernel must declare the block size it is launched with (and the
     emulation checks that no launch exceeds a declared bound).
 
-It also reports, without failing, any spills to local memory (a slow kernel, not a wrong one).
+It also reports, without failing, any local memory, a stack frame or spills (a slow kernel, not
+a wrong one).
 Prints "PASS kernel_resources[PRECISION]: ..." or one FAIL line per kernel that cannot launch.
 """
 
@@ -100,7 +101,7 @@ def main():
         print("FAIL %s: no ptxas report in %s or no PTX in %s (build with PTXAS_REPORT=DIR)" % (name, log, keep))
         return 1
     names = demangle(sorted({k for k, _ in kernels}))
-    failures, spills, heaviest = [], [], None
+    failures, local, heaviest = [], [], None
     for (kernel, arch), k in sorted(kernels.items()):
         pretty = names.get(kernel, kernel)
         if k["registers"] is None or (kernel, arch) not in bounds:
@@ -113,8 +114,8 @@ def main():
             failures.append("%s (%s): %d registers x %d threads%s need %d of %d registers%s" % (
                 pretty, arch, k["registers"], threads, "" if declared else " (no __launch_bounds__: any block size)", need,
                 REGISTER_FILE, "" if declared else "; declare the block size it is launched with"))
-        if k["spill_stores"] or k["spill_loads"]:
-            spills.append("%s (%s) %d/%d bytes" % (pretty, arch, k["spill_stores"], k["spill_loads"]))
+        if k["stack"] or k["spill_stores"] or k["spill_loads"]:
+            local.append("%s (%s) %d-byte stack, %d/%d bytes spilled/reloaded" % (pretty, arch, k["stack"], k["spill_stores"], k["spill_loads"]))
         if heaviest is None or need > heaviest[0]:
             heaviest = (need, pretty, arch, k["registers"], threads)
     for f in failures:
@@ -125,7 +126,7 @@ def main():
     print("PASS %s: %d kernels x %s, every one launches at its largest block (registers <= %d); the fullest: %s (%s), "
           "%d registers x %d threads = %d; %s" % (
               name, len(names), ", ".join(arches), REGISTER_FILE, heaviest[1], heaviest[2], heaviest[3], heaviest[4], heaviest[0],
-              "spills: " + "; ".join(spills) if spills else "no spills"))
+              "local memory: " + "; ".join(local) if local else "no local memory (stack frames, spills)"))
     return 0
 
 
