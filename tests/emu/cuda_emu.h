@@ -8,7 +8,8 @@ What is emulated, faithfully enough for the kernels' logic:
     the other; __syncthreads and __syncwarp are barriers over the threads still alive, so a
     barrier that not every thread reaches is reported as a deadlock instead of hanging;
   - warp shuffles (__shfl_sync, __shfl_xor_sync, __shfl_up_sync, __shfl_down_sync) exchange
-    values between the 32 lanes of a warp through a barrier;
+    values between the 32 lanes of a warp through a barrier; a lane that is not there (past the
+    block's last thread, or returned) gives all one bits, NaN, where CUDA leaves it undefined;
   - __shared__ memory is per block (function statics, since blocks run one at a time), filled
     with 0xFF bytes (NaN) at every block, static and dynamic alike, so reading it before writing
     shows up; launch limits (1024 threads, grid dimensions, shared memory, and more than 48 KiB
@@ -259,6 +260,7 @@ struct Block {
     int block_live, block_arrived;
     unsigned block_generation;
     Array<uint64_t> exchange;  // per thread two slots of EXCHANGE_WORDS, used in turn
+    Array<unsigned> exchange_number;  // per slot, the exchange that wrote it (the writer's count)
     Array<AsyncCopies> async_copies;  // per thread
     unsigned char* dynamic_shared = NULL;  // exactly the launch's bytes (16-byte aligned), so that
     size_t dynamic_shared_bytes = 0;       // AddressSanitizer sees an access past them
@@ -441,6 +443,7 @@ static void run_block(unsigned bx, unsigned by, unsigned bz, size_t shared_bytes
     B.block_arrived = 0;
     B.block_generation = 0;
     B.exchange.assign(2 * (size_t)n * EXCHANGE_WORDS, 0);
+    B.exchange_number.assign(2 * (size_t)n, 0);
     B.async_copies.assign(n, AsyncCopies());
     free(B.dynamic_shared);
     B.dynamic_shared_bytes = shared_bytes;
@@ -545,10 +548,18 @@ static void launch(const void* kernel, dim3 grid, dim3 block, size_t shared_byte
 // has passed the barrier of the exchange in between, so one barrier per exchange is enough.
 EMU_NOT_CHECKED static const uint64_t* warp_exchange(const uint64_t* words, size_t count) {
     Thread& t = me();
-    size_t n = B.threads.size(), parity = (t.exchanges++ & 1) * n * EXCHANGE_WORDS;
+    size_t n = B.threads.size(), half = t.exchanges++ & 1, parity = half * n * EXCHANGE_WORDS;
     memcpy(&B.exchange[parity + B.current * EXCHANGE_WORDS], words, count * sizeof(uint64_t));
+    B.exchange_number[half * n + B.current] = t.exchanges;
     warp_barrier();
     return &B.exchange[parity + (size_t)t.warp * 32 * EXCHANGE_WORDS];
+}
+
+// whether thread `src` (of this thread's warp) took part in this thread's last exchange: it
+// wrote its slot in it, not in an earlier one before it returned, nor never (past the block's end)
+EMU_NOT_CHECKED static bool took_part(size_t src) {
+    const Thread& t = me();
+    return src < B.threads.size() && B.exchange_number[((t.exchanges - 1) & 1) * B.threads.size() + src] == t.exchanges;
 }
 
 template <typename T>
@@ -558,8 +569,15 @@ EMU_NOT_CHECKED static T shuffle(T v, int source_lane) {
     memcpy(&bits, &v, sizeof(T));
     const uint64_t* slots = warp_exchange(&bits, 1);
     size_t src = (size_t)me().warp * 32 + source_lane;
-    T out = v;  // a lane outside the block reads its own value (undefined in CUDA)
-    if (source_lane >= 0 && source_lane < 32 && src < B.threads.size()) { memcpy(&out, &slots[source_lane * EXCHANGE_WORDS], sizeof(T)); }
+    // A lane past the block's last thread, or one that has returned, takes no part: what it
+    // gives is undefined in CUDA, and all one bits here (NaN as a float, -1 as an int), so that a
+    // result that depends on it shows (an exited lane's slot would hold a stale, plausible value)
+    uint64_t undefined = ~(uint64_t)0;
+    T out;
+    memcpy(&out, &undefined, sizeof(T));
+    if (source_lane >= 0 && source_lane < 32 && took_part(src)) {
+        memcpy(&out, &slots[source_lane * EXCHANGE_WORDS], sizeof(T));
+    }
     return out;
 }
 

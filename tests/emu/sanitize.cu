@@ -2,13 +2,16 @@
 The emulation's own check that its sanitized builds (tests/emu/run.sh, g++ -fsanitize=address
 and the alignment and overflow checks of -fsanitize=undefined) catch the memory errors
 compute-sanitizer's memcheck catches on a GPU, and that the emulator's own checks (launch
-limits, __launch_bounds__, copies inside their allocations, the sampled runs of EMU_SAMPLE=1) report what they
-should. `sanitize list` prints each case with the words its report must contain; `sanitize CASE`
-runs one. A case with no words must exit 0 without a report; every other case makes one
+limits, __launch_bounds__, shuffles from lanes that returned, copies inside their allocations,
+the sampled runs of EMU_SAMPLE=1) report what they should. `sanitize list` prints each case
+with the words its report must contain; `sanitize CASE` runs one. A case with no words must
+exit 0 without a report; every other case makes one
 deliberate error, most of them ones a GPU would not fault on (a read a few bytes past a
 cudaMalloc, which rounds sizes up), so that they would otherwise go unnoticed, and must stop with
 its report. (Valid CUDA too: on a GPU the errors are undefined or a failed launch.)
 */
+#include <cassert>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -81,6 +84,21 @@ __global__ void size_t_index(float* out, const float* in) {
 // allow, so a GPU refuses a launch of more.
 __global__ void __launch_bounds__(THREADS) bounded(float* out, const float* in) { out[threadIdx.x % THREADS] = in[threadIdx.x % THREADS]; }
 
+// Lanes 16..31 return, lanes 0..15 then read them through a shuffle: undefined in CUDA (the
+// source lane takes no part); the emulation gives all one bits, NaN, so the result shows it.
+__global__ void shuffle_from_returned_lane(float* out, const float* in) {
+    if (threadIdx.x % 32 >= 16) { return; }
+    float v = __shfl_xor_sync(0xffffffff, in[threadIdx.x] + 1.0f, 16);
+    assert(!std::isnan(v) && "a shuffle read a lane that had returned");
+    out[threadIdx.x] = v;
+}
+// The same exchange with every lane there: defined, 1.0f from the zero input.
+__global__ void shuffle_from_present_lane(float* out, const float* in) {
+    float v = __shfl_xor_sync(0xffffffff, in[threadIdx.x] + 1.0f, 16);
+    assert(!std::isnan(v) && "a shuffle read a lane that had returned");
+    out[threadIdx.x] = v;
+}
+
 struct Case {
     const char* name;
     const char* report;  // words the report must contain; "": no report, exit status 0
@@ -104,6 +122,8 @@ static const Case CASES[] = {
     {"copy_past_allocation", "past its end", clean, 1, THREADS, THREADS * sizeof(float), false, false, THREADS + 1},
     {"shared_over_48k_with_attribute", "", clean, 1, THREADS, 64 * 1024, true},
     {"shared_over_48k_without_attribute", "without cudaFuncSetAttribute", clean, 1, THREADS, 64 * 1024},
+    {"shuffle_from_present_lane", "", shuffle_from_present_lane},
+    {"shuffle_from_returned_lane", "a shuffle read a lane that had returned", shuffle_from_returned_lane},
     {"launch_within_bounds", "", bounded},
     {"launch_past_bounds", "more than its __launch_bounds__ (64)", bounded, 1, 2 * THREADS},
     {"sampled_size_t_index", "", size_t_index, OVERFLOW_BLOCKS, 1024, 0, false, true},
