@@ -114,48 +114,50 @@ def asm_operands(section):
     return operands
 
 
-def rewrite_asm(text):
-    """asm volatile("template" : outputs : inputs : clobbers) -> emu::ptx("template", {operands});
-    outputs by address (emu::out), inputs by value (emu::in), in the template's %0, %1, .. order"""
+def rewrite_matches(text, pattern, rewrite):
+    """text with every match of pattern rewritten, each search starting where the last rewrite
+    ended: rewrite(m) gives (start, replacement, end), the replacement of text[start:end]"""
     out, pos = [], 0
-    pattern = re.compile(r'\basm\s+volatile\s*\(')
     while True:
         m = pattern.search(text, pos)
         if not m:
             out.append(text[pos:])
             return ''.join(out)
+        start, replacement, end = rewrite(m)
+        out.append(text[pos:start])
+        out.append(replacement)
+        pos = end
+
+
+def rewrite_asm(text):
+    """asm volatile("template" : outputs : inputs : clobbers) -> emu::ptx("template", {operands});
+    outputs by address (emu::out), inputs by value (emu::in), in the template's %0, %1, .. order"""
+    def rewrite(m):
         close = matching(text, m.end() - 1, '(', ')')
         sections = split_top_level(text[m.end():close], ':')
         template = sections[0]
         outputs = asm_operands(sections[1]) if len(sections) > 1 else []
         inputs = asm_operands(sections[2]) if len(sections) > 2 else []
         args = ['emu::out(%s)' % e for _, e in outputs] + ['emu::in(%s)' % e for _, e in inputs]
-        out.append(text[pos:m.start()])
-        out.append('emu::ptx(%s, {%s})' % (template, ', '.join(args)))
-        pos = close + 1
+        return m.start(), 'emu::ptx(%s, {%s})' % (template, ', '.join(args)), close + 1
+    return rewrite_matches(text, re.compile(r'\basm\s+volatile\s*\('), rewrite)
 
 
 def rewrite_launch_bounds(text):
     """__global__ void __launch_bounds__(N) name(params) { -> __global__ void name(params) {
     emu::launch_bounds(N, "name"); (a launch of more threads is an error, as on a GPU)"""
-    out, pos = [], 0
-    pattern = re.compile(r'__global__\s+void\s+(__launch_bounds__)\s*\(')
-    while True:
-        found = pattern.search(text, pos)
-        if not found:
-            out.append(text[pos:])
-            return ''.join(out)
-        i, open_bounds = found.start(1), found.end() - 1
+    def rewrite(found):
+        open_bounds = found.end() - 1
         close_bounds = matching(text, open_bounds, '(', ')')
         bounds = text[open_bounds + 1:close_bounds]
         m = re.compile(r'\s*(\w+)\s*\(').match(text, close_bounds + 1)
         if not m:
-            raise ValueError("__launch_bounds__ not followed by a kernel's name at %d" % i)
+            raise ValueError("__launch_bounds__ not followed by a kernel's name at %d" % found.start(1))
         body = text.index('{', matching(text, m.end() - 1, '(', ')'))
-        out.append(text[pos:i])
-        out.append(text[close_bounds + 1:body + 1])  # the same lines: the sanitizer reports line numbers
-        out.append(' emu::launch_bounds((unsigned long long)(%s), "%s");' % (bounds, m.group(1)))
-        pos = body + 1
+        # the same lines after it: the sanitizer reports line numbers
+        check = ' emu::launch_bounds((unsigned long long)(%s), "%s");' % (bounds, m.group(1))
+        return found.start(1), text[close_bounds + 1:body + 1] + check, body + 1
+    return rewrite_matches(text, re.compile(r'__global__\s+void\s+(__launch_bounds__)\s*\('), rewrite)
 
 
 def translate(text):
