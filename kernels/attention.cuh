@@ -702,6 +702,9 @@ __global__ void __launch_bounds__(ATT_MMA_WARPS * WARP_SIZE)
 // ----------------------------------------------------------------------------
 // kernel launchers
 
+// how allow_dynamic_smem names an attention kernel when the GPU lacks the shared memory it needs
+#define ATT_SMEM_WHAT(kind) "the attention " kind " kernel (its shared memory grows with the head size C/NH)"
+
 static void attention_check_shape(const char* who, int B, int T, int C, int NH) {
     if (B < 1 || T < 1 || NH < 1 || C < NH || C % NH != 0) {
         die("%s: expected B, T >= 1 and C a multiple of NH, got B=%d T=%d C=%d NH=%d", who, B, T, C, NH);
@@ -712,12 +715,6 @@ static void attention_check_shape(const char* who, int B, int T, int C, int NH) 
     if ((long long)B * NH > 65535) { die("%s: B*NH = %lld exceeds the grid's 65535", who, (long long)B * NH); }
 }
 
-// the launch of a kernel that uses more than the default 48 KiB of shared memory must say so first
-template <typename Kernel>
-static void attention_allow_smem(Kernel kernel, size_t bytes) {
-    cudaCheck(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes));
-}
-
 // --- tiled version ---
 
 template <int DPL>
@@ -725,7 +722,7 @@ static void attention_forward_tiled_launch(floatX* out, float* lse, const floatX
     int hs = C / NH;
     size_t smem = (size_t)ATT_TILE * (3 * hs + 1) * sizeof(float);  // q, k (stride hs+1), v
     dim3 grid(ceil_div_int(T, ATT_TILE), B * NH);
-    attention_allow_smem(attention_forward_tiled_kernel<DPL>, smem);
+    allow_dynamic_smem(attention_forward_tiled_kernel<DPL>, smem, ATT_SMEM_WHAT("forward, tiled"));
     attention_forward_tiled_kernel<DPL><<<grid, ATT_WARPS * WARP_SIZE, smem, stream>>>(out, lse, qkv, T, C, NH);
     cudaCheckLaunch();
 }
@@ -756,11 +753,11 @@ static void attention_backward_tiled_launch(floatX* dqkv, const float* dsum, con
     int hs = C / NH;
     dim3 grid(ceil_div_int(T, ATT_TILE), B * NH);
     size_t smem_dkdv = ((size_t)ATT_TILE * (2 * hs + 2 * (hs + 1)) + 2 * ATT_TILE) * sizeof(float);  // k, v, q, dO, lse, D
-    attention_allow_smem(attention_backward_dkdv_tiled_kernel<DPL>, smem_dkdv);
+    allow_dynamic_smem(attention_backward_dkdv_tiled_kernel<DPL>, smem_dkdv, ATT_SMEM_WHAT("backward dK dV, tiled"));
     attention_backward_dkdv_tiled_kernel<DPL><<<grid, ATT_WARPS * WARP_SIZE, smem_dkdv, stream>>>(dqkv, dsum, dout, qkv, lse, T, C, NH);
     cudaCheckLaunch();
     size_t smem_dq = (size_t)ATT_TILE * (2 * hs + 2 * (hs + 1)) * sizeof(float);  // q, dO, k, v
-    attention_allow_smem(attention_backward_dq_tiled_kernel<DPL>, smem_dq);
+    allow_dynamic_smem(attention_backward_dq_tiled_kernel<DPL>, smem_dq, ATT_SMEM_WHAT("backward dQ, tiled"));
     attention_backward_dq_tiled_kernel<DPL><<<grid, ATT_WARPS * WARP_SIZE, smem_dq, stream>>>(dqkv, dsum, dout, qkv, lse, T, C, NH);
     cudaCheckLaunch();
 }
@@ -797,7 +794,7 @@ static void attention_forward_mma_launch(floatX* out, float* lse, const floatX* 
     constexpr int R = ATT_MMA_ROWS, LDS = HS + 8;
     size_t smem = (size_t)5 * R * LDS * sizeof(floatX);  // q, two k, two v (R, LDS)
     dim3 grid(ceil_div_int(T, R), B * NH);
-    attention_allow_smem(attention_forward_mma_kernel<HS>, smem);
+    allow_dynamic_smem(attention_forward_mma_kernel<HS>, smem, ATT_SMEM_WHAT("forward, mma"));
     attention_forward_mma_kernel<HS><<<grid, ATT_MMA_WARPS * WARP_SIZE, smem, stream>>>(out, lse, qkv, T, C, NH);
     cudaCheckLaunch();
 }
@@ -809,12 +806,12 @@ static void attention_backward_mma_launch(floatX* dqkv, const float* dsum, const
     dim3 grid(ceil_div_int(T, R), B * NH);
     // dK, dV: k, v (R, LDS); two q, two dO (BQ, LDS); two lse, two D (BQ) fp32
     size_t smem_dkdv = (size_t)(2 * R + 4 * BQ) * LDS * sizeof(floatX) + 4 * BQ * sizeof(float);
-    attention_allow_smem(attention_backward_dkdv_mma_kernel<HS>, smem_dkdv);
+    allow_dynamic_smem(attention_backward_dkdv_mma_kernel<HS>, smem_dkdv, ATT_SMEM_WHAT("backward dK dV, mma"));
     attention_backward_dkdv_mma_kernel<HS><<<grid, ATT_MMA_WARPS * WARP_SIZE, smem_dkdv, stream>>>(dqkv, dsum, dout, qkv, lse, T, C, NH);
     cudaCheckLaunch();
     // dQ: q, dO (R, LDS); two k, two v (BQ, LDS)
     size_t smem_dq = (size_t)(2 * R + 4 * BQ) * LDS * sizeof(floatX);
-    attention_allow_smem(attention_backward_dq_mma_kernel<HS>, smem_dq);
+    allow_dynamic_smem(attention_backward_dq_mma_kernel<HS>, smem_dq, ATT_SMEM_WHAT("backward dQ, mma"));
     attention_backward_dq_mma_kernel<HS><<<grid, ATT_MMA_WARPS * WARP_SIZE, smem_dq, stream>>>(dqkv, dsum, dout, qkv, lse, T, C, NH);
     cudaCheckLaunch();
 }

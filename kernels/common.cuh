@@ -16,6 +16,7 @@ same GPU model with the same cuBLAS (cuBLASLt's heuristic picks its algorithm pe
 #include <cuda_bf16.h>
 #include <cublasLt.h>
 #include <cublas_v2.h>
+#include <utility>
 #include <vector>
 #include "../common/utils.h"
 
@@ -44,6 +45,45 @@ static inline void cublas_check_(cublasStatus_t status, const char* file, int li
 
 // after a launch: the launch's own error (bad configuration), not the kernel's completion
 #define cudaCheckLaunch() cudaCheck(cudaGetLastError())
+
+// ----------------------------------------------------------------------------
+// dynamic shared memory past the default 48 KiB
+
+// A kernel may use more than 48 KiB of dynamic shared memory per block only after the program
+// raises its limit (cudaFuncSetAttribute), and only up to what the GPU has per block: 227 KiB on
+// Hopper (sm_90), 163 KiB on A100 (sm_80), 99 KiB on the sm_86 and sm_89 cards (RTX 30 and 40
+// series, A10, L4, L40). Before a launch that needs `bytes`, this raises the kernel's limit (once
+// per kernel and size), or stops with one line that says which kernel needs what, when the GPU
+// cannot give it. `what` names the kernel and the size that sets its need.
+static void allow_dynamic_smem(const void* kernel, size_t bytes, const char* what) {
+    if (bytes <= 48 * 1024) { return; }
+    static int device_limit = 0;  // the GPU's most per block, asked once
+    if (device_limit == 0) {
+        int device = 0;
+        cudaCheck(cudaGetDevice(&device));
+        cudaCheck(cudaDeviceGetAttribute(&device_limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+    }
+    if (bytes > (size_t)device_limit) {
+        die("%s needs %zu bytes of shared memory per block; this GPU gives at most %d", what, bytes, device_limit);
+    }
+    static std::vector<std::pair<const void*, size_t>> raised;  // each kernel's limit so far
+    for (std::pair<const void*, size_t>& r : raised) {
+        if (r.first == kernel) {
+            if (r.second < bytes) {
+                cudaCheck(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes));
+                r.second = bytes;
+            }
+            return;
+        }
+    }
+    cudaCheck(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes));
+    raised.push_back({kernel, bytes});
+}
+
+template <typename Kernel>
+static void allow_dynamic_smem(Kernel* kernel, size_t bytes, const char* what) {
+    allow_dynamic_smem((const void*)kernel, bytes, what);
+}
 
 // count elements of device memory; running out says how much was asked and how much is free
 template <typename T>

@@ -404,7 +404,7 @@ template <int HS>
 static void attention_forward_v2_launch(floatX* out, float* lse, const floatX* qkv, int B, int T, int C, int NH) {
     constexpr int R = ATT_MMA_ROWS, LDS = HS + 8, LDT = R + 8;
     size_t smem = (size_t)(2 * R * LDS + HS * LDT) * sizeof(floatX);  // q, k (R, LDS), v transposed (HS, LDT)
-    attention_allow_smem(attention_forward_mma_plain_kernel<HS>, smem);
+    allow_dynamic_smem(attention_forward_mma_plain_kernel<HS>, smem, ATT_SMEM_WHAT("forward, mma plain"));
     attention_forward_mma_plain_kernel<HS><<<dim3(ceil_div_int(T, R), B * NH), ATT_MMA_WARPS * WARP_SIZE, smem>>>(out, lse, qkv, T, C, NH);
     cudaCheckLaunch();
 }
@@ -416,12 +416,12 @@ static void attention_backward_v2_launch(floatX* dqkv, const float* dsum, const 
     dim3 grid(ceil_div_int(T, R), B * NH);
     // dK, dV: k, v (R, LDS); q, dO (BQ, LDS) and transposed (HS, LDT); lse, D (BQ) fp32
     size_t smem_dkdv = (size_t)(2 * R * LDS + 2 * BQ * LDS + 2 * HS * LDT) * sizeof(floatX) + 2 * BQ * sizeof(float);
-    attention_allow_smem(attention_backward_dkdv_mma_plain_kernel<HS>, smem_dkdv);
+    allow_dynamic_smem(attention_backward_dkdv_mma_plain_kernel<HS>, smem_dkdv, ATT_SMEM_WHAT("backward dK dV, mma plain"));
     attention_backward_dkdv_mma_plain_kernel<HS><<<grid, ATT_MMA_WARPS * WARP_SIZE, smem_dkdv>>>(dqkv, dsum, dout, qkv, lse, T, C, NH);
     cudaCheckLaunch();
     // dQ: q, dO (R, LDS); k, v (BQ, LDS); k transposed (HS, LDT)
     size_t smem_dq = (size_t)(2 * R * LDS + 2 * BQ * LDS + HS * LDT) * sizeof(floatX);
-    attention_allow_smem(attention_backward_dq_mma_plain_kernel<HS>, smem_dq);
+    allow_dynamic_smem(attention_backward_dq_mma_plain_kernel<HS>, smem_dq, ATT_SMEM_WHAT("backward dQ, mma plain"));
     attention_backward_dq_mma_plain_kernel<HS><<<grid, ATT_MMA_WARPS * WARP_SIZE, smem_dq>>>(dqkv, dsum, dout, qkv, lse, T, C, NH);
     cudaCheckLaunch();
 }

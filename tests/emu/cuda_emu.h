@@ -12,8 +12,9 @@ What is emulated, faithfully enough for the kernels' logic:
     block's last thread, or returned) gives all one bits, NaN, where CUDA leaves it undefined;
   - __shared__ memory is per block (function statics, since blocks run one at a time), filled
     with 0xFF bytes (NaN) at every block, static and dynamic alike, so reading it before writing
-    shows up; launch limits (1024 threads, grid dimensions, shared memory, and more than 48 KiB
-    of dynamic shared memory only after cudaFuncSetAttribute for that kernel) are checked;
+    shows up; launch limits (1024 threads, grid dimensions, and more than 48 KiB of dynamic
+    shared memory only after cudaFuncSetAttribute for that kernel, and only up to the device's
+    most per block: EMU_SMEM_OPTIN_KIB, default 227 as on Hopper) are checked;
   - the runtime API (memory, copies, streams, events) runs synchronously on host memory; every
     cudaMalloc is in a table, so a copy or memset that runs past the allocation it starts in is
     an error, and the total is held to the device's size (EMU_DEVICE_GIB, default 80: an H100;
@@ -500,6 +501,13 @@ static void print_launch_counts() {
             launch_counts.blocks_run, launch_counts.blocks);
 }
 
+// The most dynamic shared memory a block may have once its kernel asks (cudaDevAttrMaxShared-
+// MemoryPerBlockOptin): EMU_SMEM_OPTIN_KIB, default 227 (Hopper); 163 is an A100, 99 the sm_86
+// and sm_89 cards (RTX 30 and 40 series, A10, L4, L40).
+static size_t device_shared_optin() {
+    static const size_t bytes = (size_t)(getenv("EMU_SMEM_OPTIN_KIB") ? atoi(getenv("EMU_SMEM_OPTIN_KIB")) : 227) * 1024;
+    return bytes;
+}
 // the dynamic shared memory each kernel may use (cudaFuncSetAttribute); without it, 48 KiB
 static std::map<const void*, size_t>& shared_limits() {
     static std::map<const void*, size_t> limits;
@@ -521,7 +529,12 @@ static void launch(const void* kernel, dim3 grid, dim3 block, size_t shared_byte
         snprintf(what, sizeof(what), "launch: invalid grid size (%u, %u, %u): x is at most 2^31-1, y and z at most 65535", grid.x, grid.y, grid.z);
         fail(what);
     }
-    if (shared_bytes > 227 * 1024) { fail("launch: more dynamic shared memory than a Hopper SM has"); }
+    if (shared_bytes > device_shared_optin()) {
+        char what[160];
+        snprintf(what, sizeof(what), "launch: %zu bytes of dynamic shared memory, more than the device's %zu per block", shared_bytes,
+                 device_shared_optin());
+        fail(what);
+    }
     if (shared_bytes > shared_limit(kernel)) {
         char what[200];
         snprintf(what, sizeof(what), "launch: %zu bytes of dynamic shared memory, more than 48 KiB, without cudaFuncSetAttribute("
@@ -901,17 +914,23 @@ static inline cudaError_t cudaEventSynchronize(cudaEvent_t) { return cudaSuccess
 static inline cudaError_t cudaEventDestroy(cudaEvent_t) { return cudaSuccess; }
 static inline cudaError_t cudaEventElapsedTime(float* ms, cudaEvent_t, cudaEvent_t) { *ms = 0.0f; return cudaSuccess; }
 template <typename F> static inline cudaError_t cudaFuncSetAttribute(F kernel, cudaFuncAttribute, int value) {
-    if (value < 0 || value > 227 * 1024) { emu::fail("cudaFuncSetAttribute: more shared memory than a Hopper SM has"); }
+    if (value < 0 || (size_t)value > emu::device_shared_optin()) { emu::fail("cudaFuncSetAttribute: more shared memory than the device has per block"); }
     emu::shared_limits()[emu::kernel_id(kernel)] = value;
     return cudaSuccess;
 }
 static inline cudaError_t cudaGetDeviceCount(int* n) { *n = 1; return cudaSuccess; }
+static inline cudaError_t cudaGetDevice(int* device) { *device = 0; return cudaSuccess; }
+enum cudaDeviceAttr { cudaDevAttrMaxSharedMemoryPerBlockOptin };
+static inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr, int) {
+    *value = (int)emu::device_shared_optin();
+    return cudaSuccess;
+}
 static inline cudaError_t cudaGetDeviceProperties(cudaDeviceProp* p, int) {
     memset(p, 0, sizeof(*p));
     snprintf(p->name, sizeof(p->name), "CPU emulation");
     p->major = 9;
     p->multiProcessorCount = 1;
-    p->sharedMemPerBlockOptin = 227 * 1024;
+    p->sharedMemPerBlockOptin = emu::device_shared_optin();
     p->totalGlobalMem = emu::device_bytes();
     return cudaSuccess;
 }

@@ -21,7 +21,9 @@
 # to the CUDA limits, that no index overflows an int in the blocks with the largest indices,
 # that copies and cuBLASLt operands stay inside their allocations, and that the device memory
 # allocated is what train_moe planned before allocating; on a 4 GiB device the same run must stop
-# with one out-of-memory line whose advice (the largest batch that fits) is right.
+# with one out-of-memory line whose advice (the largest batch that fits) is right; the kernels
+# with the most shared memory per block must fit the 99 KiB of sm_86 and sm_89 GPUs, and with
+# 64 KiB the run must stop with one line that says which kernel needs more.
 # Called by tests/run_tests.sh with its temporary folder (NAME.state, NAME.options, dense.bin,
 # shard.bin). Every check is prefixed "emu." so that it is never mistaken for a check on a GPU.
 set -u
@@ -202,16 +204,19 @@ sanitizer_found() {
     [ "$cases" -gt 0 ] || echo "FAIL emu.sanitize: no cases listed"
 }
 
-# The sampled full-size runs: NAME|PRECISIONS|OPTIONS. L=2 models keep the host's share small
-# (upcycling, uploads); every size a kernel or an index depends on is the real one: T=1024,
-# B*T = 65536 rows (B*T*Vp = 3.3e9 logits, past 2^31), C = 768 and 1600 (GPT-2 XL, not a
-# multiple of 128), 8 to 64 experts.
+# The sampled full-size runs: NAME|PRECISIONS|OPTIONS[|ENVIRONMENT]. L=2 models keep the host's
+# share small (upcycling, uploads); every size a kernel or an index depends on is the real one:
+# T=1024, B*T = 65536 rows (B*T*Vp = 3.3e9 logits, past 2^31), C = 768 and 1600 (GPT-2 XL, not
+# a multiple of 128), 8 to 64 experts. head128_99KiB: the largest head size the attention kernels
+# take (C/NH = 128, their most shared memory per block) on a device with the 99 KiB per block of
+# sm_86 and sm_89 (RTX 30 and 40 series, A10, L4, L40), the least of the GPUs train_moe runs on.
 SCALE_CONFIGS="dense|FP32 BF16|-m 2:768:12:1024 -e 1 -b 64 -s 1 -g 3
 top2|FP32 BF16|-m 2:768:12:1024 -e 8 -k 2 -b 64
 capacity|BF16|-m 2:768:12:1024 -e 8 -k 2 -b 16 -d 32768 --capacity-factor 1.25 --capacity-priority score --z-loss 0.001
 expert_choice|BF16|-m 2:768:12:1024 -e 8 -k 2 -b 16 --router expert --capacity-factor 1
 fine|BF16|-m 2:768:12:1024 -e 64 -k 8 --granularity 8 --moe-layers all -b 16
-xl|BF16|-m 2:1600:25:1024 -e 8 -k 2 -b 16"
+xl|BF16|-m 2:1600:25:1024 -e 8 -k 2 -b 16
+head128_99KiB|FP32 BF16|-m 2:1024:8:1024 -e 4 -k 2 -b 1|EMU_SMEM_OPTIN_KIB=99"
 SCALE_COMMON="-t 1024 -x 1 -v 0 --val-steps 1 -s 0 --stats-every 1 -i $OUT/scale_shard.bin -j $OUT/scale_shard.bin"
 # a shard for them: 2 * 65536 + 1 random tokens below GPT-2's V
 ${PYTHON_ANY:-python3} -c '
@@ -223,9 +228,9 @@ with open(sys.argv[1], "wb") as f:
     f.write(struct.pack("<256i", *header))
     f.write(struct.pack("<%dH" % n, *[random.randrange(50257) for _ in range(n)]))
 ' "$OUT/scale_shard.bin"
-# scale_report NAME PRECISION OPTIONS: the run's PASS or FAIL line
+# scale_report NAME PRECISION OPTIONS [ENVIRONMENT]: the run's PASS or FAIL line
 scale_report() {
-    local name=$1 precision=$2 options=$3
+    local name=$1 precision=$2 options=$3 environment=${4:-}
     local log=$OUT/scale_$name.$precision.out label="emu.scale[$name.$precision]"
     local failed launches memory planned
     failed=$(report "$log" "" "$label")  # a sanitizer's report or a non-zero exit status
@@ -240,7 +245,7 @@ scale_report() {
         # the model's list of buffers holds every cudaMalloc but cuBLASLt's 32 MiB workspace
         echo "FAIL $label: $planned GiB planned, $memory GiB allocated: expected the plan plus the 0.03 GiB cuBLASLt workspace"
     else
-        echo "PASS $label: a training step and validation at $options -t 1024, sampled: $launches launches in the CUDA limits, no overflow or out-of-bounds report; $memory GiB allocated: the $planned GiB planned and cuBLASLt's workspace"
+        echo "PASS $label: a training step and validation at $options -t 1024${environment:+ ($environment)}, sampled: $launches launches in the CUDA limits, no overflow or out-of-bounds report; $memory GiB allocated: the $planned GiB planned and cuBLASLt's workspace"
     fi
 }
 
@@ -277,6 +282,22 @@ scale_oom_report() {
     fi
 }
 
+# scale_short_shared_report PRECISION: the head size 128 run on a device with 64 KiB of shared
+# memory per block, less than the attention kernels need: exit 1 with one line that names the
+# kernel, what it needs and what the device gives (allow_dynamic_smem), not a CUDA error code
+scale_short_shared_report() {
+    local log=$OUT/scale_head128_64KiB.$1.out label="emu.scale[head128_64KiB.$1]"
+    local rc errors
+    rc=$(cat "$log.rc" 2>/dev/null || echo "?")
+    errors=$(grep -c '^error: ' "$log")
+    if [ "$rc" = 1 ] && [ "$errors" = 1 ] \
+        && grep -q -E '^error: the attention .* kernel \(.*head size C/NH\) needs [0-9]+ bytes of shared memory per block; this GPU gives at most 65536$' "$log"; then
+        echo "PASS $label: on a device with 64 KiB of shared memory per block, one line: $(grep '^error: ' "$log" | cut -c1-200)"
+    else
+        echo "FAIL $label: exit status $rc, $errors error lines, expected 1 that names the attention kernel short of shared memory: $(tail -n 2 "$log" | tr '\n' ' ' | cut -c1-300)"
+    fi
+}
+
 ORDERS="forward reverse"
 # the log and check prefix of each order's runs
 tag() { [ "$1" = forward ] && echo "" || echo ".$1"; }
@@ -302,13 +323,19 @@ for order in $ORDERS; do
         done
     done
 done
-while IFS='|' read -r name precisions options; do
+while IFS='|' read -r name precisions options environment; do
     for precision in $precisions; do
         bin=$(binary train_moe "$precision" forward)
         [ -x "$bin" ] || continue
         throttle
         # shellcheck disable=SC2086
-        run forward "$OUT/scale_$name.$precision.out" env EMU_SAMPLE=1 "$bin" $SCALE_COMMON $options &
+        run forward "$OUT/scale_$name.$precision.out" env EMU_SAMPLE=1 $environment "$bin" $SCALE_COMMON $options &
+        if [ "$name" = head128_99KiB ]; then
+            # the same on a device with 64 KiB per block, short for both precisions' kernels
+            throttle
+            # shellcheck disable=SC2086
+            run forward "$OUT/scale_head128_64KiB.$precision.out" env EMU_SAMPLE=1 EMU_SMEM_OPTIN_KIB=64 "$bin" $SCALE_COMMON $options &
+        fi
     done
 done <<< "$SCALE_CONFIGS"
 # the top2 run on a 4 GiB device: out of memory, which must say so in one line with the largest
@@ -361,9 +388,11 @@ for order in $ORDERS; do
         done
     done
 done
-while IFS='|' read -r name precisions options; do
+while IFS='|' read -r name precisions options environment; do
     for precision in $precisions; do
-        [ -x "$(binary train_moe "$precision" forward)" ] && scale_report "$name" "$precision" "$options"
+        [ -x "$(binary train_moe "$precision" forward)" ] || continue
+        scale_report "$name" "$precision" "$options" "$environment"
+        [ "$name" = head128_99KiB ] && scale_short_shared_report "$precision"
     done
 done <<< "$SCALE_CONFIGS"
 [ -x "$(binary train_moe BF16 forward)" ] && scale_oom_report
