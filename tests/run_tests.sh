@@ -109,6 +109,36 @@ for entry in "${CONFIGS[@]}"; do
     run_checks "$name" ./test_moe_cpu reference "$name" "$state" "$model" -- -m "$DENSE" -i "$SHARD" $GEOMETRY $options
 done
 
+# NumPy 2 changed how a numpy scalar and a Python number combine (NEP 50: np.uint64(5) + 1 is now
+# a uint64, not a float64), which could move the reference's random numbers or sums. NumPy 1.24
+# to 1.26 (Debian's is 1.24) can apply the new rules and warn where a result changes
+# (NPY_PROMOTION_STATE=weak_and_warn): the test model and the states of the configs that draw
+# random numbers (jitter, Drop-Upcycling in both modes, noise, scratch) and rank by score must be
+# the same bytes under them, without a warning. With NumPy 2 the suite already runs under them.
+if "$PYTHON" -c "import numpy, sys; sys.exit(not hasattr(numpy, '_set_promotion_state'))" 2>/dev/null; then
+    NEP50=$TMP/nep50
+    mkdir -p "$NEP50"
+    export NPY_PROMOTION_STATE=weak_and_warn
+    differ=""
+    $REF make-dense --model 4:32:4:16 --vocab 100 --seed 7 --jitter 0.05 -o "$NEP50/dense.bin" > "$NEP50/make.out" 2>&1
+    cmp -s "$DENSE" "$NEP50/dense.bin" || differ="$differ dense.bin"
+    for name in e4_k2_drop_r0.5 e4_k2_drop_r0.25_independent e4_k2_noise e4_k2_scratch_wsd e8_k2_capacity0.75_score; do
+        # shellcheck disable=SC2046
+        $REF debug -m "$DENSE" -i "$SHARD" $GEOMETRY --steps 10 --state "$NEP50/$name.state" --write-model "$NEP50/$name.ref.bin" \
+            $(cat "$TMP/$name.options") > "$NEP50/$name.out" 2>&1
+        { cmp -s "$TMP/$name.state" "$NEP50/$name.state" && cmp -s "$TMP/$name.ref.bin" "$NEP50/$name.ref.bin"; } || differ="$differ $name"
+    done
+    unset NPY_PROMOTION_STATE
+    warnings=$(grep -h -m 1 -i 'warning' "$NEP50"/*.out | head -n 1 | cut -c1-200)
+    if [ -z "$differ" ] && [ -z "$warnings" ]; then
+        pass reference_under_numpy2_promotion "the test model and 5 configs' states and models byte-identical under NEP 50 (NPY_PROMOTION_STATE=weak_and_warn), no warning"
+    else
+        fail reference_under_numpy2_promotion "under NEP 50, different:${differ:- none}; ${warnings:-no warning}"
+    fi
+else
+    echo "SKIP reference_under_numpy2_promotion: this NumPy has no NPY_PROMOTION_STATE (NumPy 2 applies NEP 50 throughout)"
+fi
+
 echo "== invariants"
 run_checks invariants ./test_moe_cpu invariants "$DENSE" "$SHARD" "$TMP"
 
