@@ -61,12 +61,12 @@ struct LayerActivations {
     float* ln2_rstd;         // (N)
     // dense MLP
     floatX* fch;             // (N, 4C)
-    floatX* fch_gelu;        // (N, 4C)
+    floatX* fch_gelu;        // (N, 4C); NULL with recompute (Model::recompute)
     // MoE
     DeviceRouting routing;
     floatX* expert_input;    // (rows, C) routed rows, expert-contiguous
     floatX* expert_fch;      // (rows, H)
-    floatX* expert_fch_gelu; // (rows, H)
+    floatX* expert_fch_gelu; // (rows, H); NULL with recompute
     floatX* expert_output;   // (rows, C)
     floatX* residual3;       // (N, C) the layer's output
 };
@@ -118,14 +118,18 @@ struct Model {
     floatX* dresidual;                  // (N, C)
     floatX* dbuf;                       // (N, C) d ln2, d atty, d ln1, d lnf
     floatX* dqkv;                       // (N, 3C)
-    floatX* dhidden;                    // max(N*4C, rows*H): d fch_gelu
-    floatX* dhidden2;                   // max(N*4C, rows*H): d fch
+    floatX* dhidden;                    // max(N*4C, rows*H): d fch_gelu; with recompute, the forward's fch_gelu
+    floatX* dhidden2;                   // max(N*4C, rows*H): d fch; with recompute, the backward's fch_gelu first
     floatX* dexpert_output;             // (rows, C)
     floatX* dexpert_input;              // (rows, C)
     float* scratch;                     // the kernels' fp32 scratch (the largest they ask for)
     float* step_scalars;                // (NUM_SCALARS) on the device
     DeviceBuffers buffers;              // all of the above that live on the device
     bool collect_stats;                 // routing statistics (training batches only)
+    // --recompute 1: no layer keeps its GELU output (N x 4C, or rows x H, floatX each): the forward
+    // writes it to dhidden for the next matmul, the backward computes it again from fch (the same
+    // bits) into dhidden2, where d fch replaces it once the fcproj weight gradient has read it
+    bool recompute;
     cudaStream_t stream;
 };
 
@@ -180,8 +184,9 @@ static void batch_free(BatchBuffers* b) {
 // Lists every device buffer of a model of this config, for batches of up to B x T, in
 // m->buffers: sizes only, nothing is allocated. Returns the bytes of the parameters, gradients
 // and moments (the rest are activations and scratch).
-static size_t model_add_buffers(Model* m, const ModelConfig* cfg, int B, int T) {
+static size_t model_add_buffers(Model* m, const ModelConfig* cfg, int B, int T, bool recompute) {
     m->config = *cfg;
+    m->recompute = recompute;
     fill_parameter_sizes(m->param_sizes, cfg);
     size_t P = m->num_params = count_parameters(cfg);
     DeviceBuffers* d = &m->buffers;
@@ -220,13 +225,13 @@ static size_t model_add_buffers(Model* m, const ModelConfig* cfg, int B, int T) 
         buffers_add(d, &a.residual3, (size_t)N * C);
         if (!cfg->is_moe_layer[l]) {
             buffers_add(d, &a.fch, (size_t)N * 4 * C);
-            buffers_add(d, &a.fch_gelu, (size_t)N * 4 * C);
+            if (!recompute) { buffers_add(d, &a.fch_gelu, (size_t)N * 4 * C); }
             continue;
         }
         routing_add_buffers(&a.routing, d, N, E, cfg->top_k, (int)rows, C);
         buffers_add(d, &a.expert_input, rows * C);
         buffers_add(d, &a.expert_fch, rows * H);
-        buffers_add(d, &a.expert_fch_gelu, rows * H);
+        if (!recompute) { buffers_add(d, &a.expert_fch_gelu, rows * H); }
         buffers_add(d, &a.expert_output, rows * C);
     }
     buffers_add(d, &m->lnf, (size_t)N * C);
@@ -253,17 +258,19 @@ static size_t model_add_buffers(Model* m, const ModelConfig* cfg, int B, int T) 
 }
 
 // the device bytes of a model of this config for batches of B x T
-static size_t model_device_bytes(const ModelConfig* cfg, int B, int T) {
+static size_t model_device_bytes(const ModelConfig* cfg, int B, int T, bool recompute) {
     Model probe;
-    model_add_buffers(&probe, cfg, B, T);
+    model_add_buffers(&probe, cfg, B, T, recompute);
     return probe.buffers.bytes;
 }
 
 // Takes the host parameters (fp32, the config's layout) to the GPU. B, T: the largest batch.
 // Every device buffer is sized first: the run's total is printed, and a run that cannot fit
 // stops with that figure, and the largest batch that would fit, before anything is allocated.
-static void model_init(Model* m, const ModelConfig* cfg, const float* host_params, int B, int T, float aux_alpha, float z_beta) {
-    size_t parameter_bytes = model_add_buffers(m, cfg, B, T);
+// recompute: see Model::recompute.
+static void model_init(Model* m, const ModelConfig* cfg, const float* host_params, int B, int T, float aux_alpha, float z_beta,
+                       bool recompute) {
+    size_t parameter_bytes = model_add_buffers(m, cfg, B, T, recompute);
     size_t need = m->buffers.bytes, P = m->num_params;
     printf("GPU memory: %.2f GiB, of which %.2f GiB parameters, gradients and moments, %.2f GiB activations (B=%d, T=%d)\n",
            need / 1073741824.0, parameter_bytes / 1073741824.0, (need - parameter_bytes) / 1073741824.0, B, T);
@@ -271,12 +278,14 @@ static void model_init(Model* m, const ModelConfig* cfg, const float* host_param
     cudaCheck(cudaMemGetInfo(&free_bytes, &total_bytes));
     if (need > free_bytes) {
         int fits = B - 1;
-        while (fits > 0 && model_device_bytes(cfg, fits, T) > free_bytes) { fits--; }
-        char advice[128];
+        while (fits > 0 && model_device_bytes(cfg, fits, T, recompute) > free_bytes) { fits--; }
+        char advice[192];
         if (fits > 0) {
-            snprintf(advice, sizeof(advice), "at -t %d the largest batch that fits is -b %d (-d keeps more tokens per step by accumulation)", T, fits);
+            snprintf(advice, sizeof(advice), "at -t %d the largest batch that fits is -b %d (-d keeps more tokens per step by accumulation)%s", T,
+                     fits, recompute ? "" : "; --recompute 1 needs less");
         } else {
-            snprintf(advice, sizeof(advice), "not even -b 1 fits at -t %d: a shorter sequence (-t) or fewer experts (-e) needs less", T);
+            snprintf(advice, sizeof(advice), "not even -b 1 fits at -t %d: a shorter sequence (-t) or fewer experts (-e) needs less%s", T,
+                     recompute ? "" : ", as does --recompute 1");
         }
         die("out of GPU memory: this run needs %.2f GiB, %.2f of %.2f GiB free; %s", need / 1073741824.0, free_bytes / 1073741824.0,
             total_bytes / 1073741824.0, advice);
@@ -343,15 +352,17 @@ static void model_forward(Model* m, int B, int T, bool with_targets, float dloss
         int ds = cfg->dense_slot[l];
         if (ds >= 0) {
             size_t dc = (size_t)ds * C;
+            floatX* fch_gelu = m->recompute ? m->dhidden : a.fch_gelu;
             matmul_forward(a.fch, a.ln2, p.fcw + dc * 4 * C, p.fcb + dc * 4, N, C, 4 * C, s);
-            gelu_forward(a.fch_gelu, a.fch, (size_t)N * 4 * C, s);
-            matmul_forward(m->mlp_out, a.fch_gelu, p.fcprojw + dc * 4 * C, p.fcprojb + dc, N, 4 * C, C, s);
+            gelu_forward(fch_gelu, a.fch, (size_t)N * 4 * C, s);
+            matmul_forward(m->mlp_out, fch_gelu, p.fcprojw + dc * 4 * C, p.fcprojb + dc, N, 4 * C, C, s);
         } else {
             size_t ex = (size_t)cfg->moe_slot[l] * E;
             DeviceRouting* r = &a.routing;
             router_forward(r, a.ln2, m->master_t.routerw + ex * C, cfg, N, C, s);
             permute_tokens(a.expert_input, a.ln2, r, C, s);
-            expert_mlp_forward(a.expert_output, a.expert_fch, a.expert_fch_gelu, a.expert_input, r->expert_offsets, r->max_rows,
+            expert_mlp_forward(a.expert_output, a.expert_fch, m->recompute ? m->dhidden : a.expert_fch_gelu, a.expert_input,
+                               r->expert_offsets, r->max_rows,
                                p.expert_fcw + ex * H * C, p.expert_fcb + ex * H, p.expert_fcprojw + ex * C * H, p.expert_fcprojb + ex * C,
                                E, C, H, s);
             unpermute_tokens(m->mlp_out, a.expert_output, r, N, C, s);
@@ -408,7 +419,12 @@ static void model_backward(Model* m, float loss_scale) {
         int ds = cfg->dense_slot[l];
         if (ds >= 0) {
             size_t dc = (size_t)ds * C;
-            matmul_backward(m->dhidden, g.fcprojw + dc * 4 * C, g.fcprojb + dc, m->scratch, m->dresidual, a.fch_gelu,
+            const floatX* fch_gelu = a.fch_gelu;
+            if (m->recompute) {
+                gelu_forward(m->dhidden2, a.fch, (size_t)N * 4 * C, s);
+                fch_gelu = m->dhidden2;  // overwritten by d fch below, after the weight gradient has read it
+            }
+            matmul_backward(m->dhidden, g.fcprojw + dc * 4 * C, g.fcprojb + dc, m->scratch, m->dresidual, fch_gelu,
                             p.fcprojw + dc * 4 * C, N, 4 * C, C, s);
             gelu_backward(m->dhidden2, a.fch, m->dhidden, (size_t)N * 4 * C, s);
             matmul_backward(dln2, g.fcw + dc * 4 * C, g.fcb + dc * 4, m->scratch, m->dhidden2, a.ln2, p.fcw + dc * 4 * C, N, C, 4 * C, s);
@@ -416,9 +432,14 @@ static void model_backward(Model* m, float loss_scale) {
             size_t ex = (size_t)cfg->moe_slot[l] * E;
             DeviceRouting* r = &a.routing;
             unpermute_tokens_backward(m->dexpert_output, r, m->dresidual, a.expert_output, C, s);
+            const floatX* fch_gelu = a.expert_fch_gelu;
+            if (m->recompute) {
+                expert_gelu_recompute(m->dhidden2, a.expert_fch, r->expert_offsets, r->max_rows, E, H, s);
+                fch_gelu = m->dhidden2;  // likewise overwritten by d fch
+            }
             expert_mlp_backward(m->dexpert_input, g.expert_fcw + ex * H * C, g.expert_fcb + ex * H, g.expert_fcprojw + ex * C * H,
                                 g.expert_fcprojb + ex * C, m->dhidden2, m->dhidden, m->dexpert_output, a.expert_input, a.expert_fch,
-                                a.expert_fch_gelu, r->expert_offsets, r->max_rows, p.expert_fcw + ex * H * C, p.expert_fcprojw + ex * C * H,
+                                fch_gelu, r->expert_offsets, r->max_rows, p.expert_fcw + ex * H * C, p.expert_fcprojw + ex * C * H,
                                 E, C, H, s);
             permute_tokens_backward(dln2, m->dexpert_input, r, N, C, s);
             router_backward(dln2, g.routerw + ex * C, r, a.ln2, m->master_t.routerw + ex * C, cfg, m->aux_alpha * loss_scale,
@@ -581,7 +602,7 @@ int main(int argc, char** argv) {
     printf("GPU engine, %s, on %s (sm_%d%d)\n", PRECISION_NAME, prop.name, prop.major, prop.minor);
     matmul_setup();
     Model model;
-    model_init(&model, &run.config, run.params, run.B, run.T, (float)run.args.aux_loss, (float)run.args.z_loss);
+    model_init(&model, &run.config, run.params, run.B, run.T, (float)run.args.aux_loss, (float)run.args.z_loss, run.args.recompute != 0);
     size_t P = model.num_params;
     std::vector<float> host_m(P, 0.0f), host_v(P, 0.0f);
     run_start(&run, host_m.data(), host_v.data(), P);

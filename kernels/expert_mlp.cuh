@@ -353,6 +353,14 @@ __global__ void expert_bias_grad_kernel(float* dbias, const floatX* dY, const in
     if (y == 0 && n < N) { dbias[(size_t)e * N + n] += lane_sums[0][threadIdx.x]; }
 }
 
+// fch_gelu = gelu(fch) over the used rows (the backward's recomputation, --recompute 1): the same
+// bits as the forward's fused GELU, which also reads fch as stored
+__global__ void expert_gelu_forward_kernel(floatX* fch_gelu, const floatX* fch, const int* expert_offsets, int E, int H) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (size_t)expert_offsets[E] * H) { return; }
+    fch_gelu[i] = from_float<floatX>(gelu_tanh(to_float(fch[i])));
+}
+
 // d fch = gelu'(fch) * d fch_gelu over the used rows
 __global__ void expert_gelu_backward_kernel(floatX* dfch, const floatX* fch, const floatX* dfch_gelu, const int* expert_offsets, int E, int H) {
     size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
@@ -444,7 +452,15 @@ static void expert_mlp_forward(floatX* out, floatX* fch, floatX* fch_gelu, const
     rows_gemm(version, out, NULL, fch_gelu, fcprojw, true, fcprojb, expert_offsets, max_rows, E, C, H, stream);
 }
 
-// dinp (max_rows, C) overwritten on the used rows; the weight gradients (fp32) +=; dfch, dfch_gelu scratch (max_rows, H)
+// fch_gelu (max_rows, H) = gelu(fch) on the used rows again, for a backward whose forward kept no fch_gelu
+static void expert_gelu_recompute(floatX* fch_gelu, const floatX* fch, const int* expert_offsets, int max_rows, int E, int H, cudaStream_t stream) {
+    if (max_rows == 0) { return; }
+    expert_gelu_forward_kernel<<<ceil_div_int((long long)max_rows * H, 256), 256, 0, stream>>>(fch_gelu, fch, expert_offsets, E, H);
+    cudaCheckLaunch();
+}
+
+// dinp (max_rows, C) overwritten on the used rows; the weight gradients (fp32) +=; dfch, dfch_gelu
+// scratch (max_rows, H). fch_gelu may be the buffer dfch: it is read before dfch is written.
 static void expert_mlp_backward(floatX* dinp, float* dfcw, float* dfcb, float* dfcprojw, float* dfcprojb, floatX* dfch, floatX* dfch_gelu,
                                 const floatX* dout, const floatX* inp, const floatX* fch, const floatX* fch_gelu, const int* expert_offsets,
                                 int max_rows, const floatX* fcw, const floatX* fcprojw, int E, int C, int H, cudaStream_t stream,
