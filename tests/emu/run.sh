@@ -207,10 +207,11 @@ sanitizer_found() {
 # The sampled full-size runs: NAME|PRECISIONS|OPTIONS[|ENVIRONMENT]. L=2 models keep the host's
 # share small (upcycling, uploads); every size a kernel or an index depends on is the real one:
 # T=1024, B*T = 65536 rows (B*T*Vp = 3.3e9 logits, past 2^31), C = 768 and 1600 (GPT-2 XL, not
-# a multiple of 128), 8 to 64 experts. head128_99KiB: the largest head size the attention kernels
+# a multiple of 128), 8 to 64 experts; the dense run keeps the GELU outputs (-r 0), the others
+# recompute them (the default). head128_99KiB: the largest head size the attention kernels
 # take (C/NH = 128, their most shared memory per block) on a device with the 99 KiB per block of
 # sm_86 and sm_89 (RTX 30 and 40 series, A10, L4, L40), the least of the GPUs train_moe runs on.
-SCALE_CONFIGS="dense|FP32 BF16|-m 2:768:12:1024 -e 1 -b 64 -s 1 -g 3
+SCALE_CONFIGS="dense|FP32 BF16|-m 2:768:12:1024 -e 1 -b 64 -s 1 -g 3 -r 0
 top2|FP32 BF16|-m 2:768:12:1024 -e 8 -k 2 -b 64
 capacity|BF16|-m 2:768:12:1024 -e 8 -k 2 -b 16 -d 32768 --capacity-factor 1.25 --capacity-priority score --z-loss 0.001
 expert_choice|BF16|-m 2:768:12:1024 -e 8 -k 2 -b 16 --router expert --capacity-factor 1
