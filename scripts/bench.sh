@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The benchmark of design.md: GPT-2 124M shapes (d12), T=1024, bf16, on one GPU: dense (-e 1) and
 # MoE (8 experts, top-2, every other layer) side by side, tokens/s, MFU, ms per step (median of
-# the steps after warm-up) and peak memory; then the PyTorch reference on the same GPU.
+# the steps after warm-up) and peak memory, the MoE also with --recompute 0; then the PyTorch
+# reference on the same GPU.
 # Usage: scripts/bench.sh [OUTFILE]   (B=8 STEPS=30 by default; needs the Tiny Shakespeare shards)
 set -u
 cd "$(dirname "$0")/.." || exit 1
@@ -20,7 +21,8 @@ mfu() { grep -E '^step +[0-9]+/' | awk 'NR > 5 { for (i = 1; i <= NF; i++) if ($
 {
     echo "| run | ms/step | tokens/s | MFU | peak memory |"
     echo "|---|---|---|---|---|"
-    for entry in "dense|-e 1" "MoE 8x top-2, every2|-e 8 -k 2"; do
+    # the third row keeps the GELU outputs (--recompute 0): what the default recomputation costs
+    for entry in "dense|-e 1" "MoE 8x top-2, every2|-e 8 -k 2" "MoE 8x top-2, every2, --recompute 0|-e 8 -k 2 -r 0"; do
         name=${entry%%|*}
         options=${entry#*|}
         # shellcheck disable=SC2086
