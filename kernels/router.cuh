@@ -485,7 +485,8 @@ __global__ void routing_stats_kernel(double* stats, const int* assignments, cons
 // kernel launchers
 
 // tokens per block of the warp-per-token kernels, and their shared memory (E floats and E ints per
-// warp): 16 KiB at most for E <= 1024, under the 48 KiB default (allow_dynamic_smem checks it)
+// warp): 16 KiB at most for the E <= 1024 a config allows, under the 48 KiB default, so their
+// launches need no cudaFuncSetAttribute (allow_dynamic_smem)
 static int router_warps_per_block(int E) { return E <= 256 ? 8 : 2; }
 static size_t router_shared_bytes(int E) { return (size_t)router_warps_per_block(E) * E * (sizeof(float) + sizeof(int)); }
 
@@ -539,7 +540,6 @@ static void router_forward(DeviceRouting* r, const floatX* h, const float* route
     }
     r->n = n;
     int warps = router_warps_per_block(E);
-    allow_dynamic_smem(router_scores_kernel, router_shared_bytes(E), "the router's scores kernel (E floats and ints per warp)");
     router_scores_kernel<<<ceil_div_int(n, warps), warps * WARP_SIZE, router_shared_bytes(E), stream>>>(
         r->logits, r->probs, r->lse, r->choice_expert, r->choice_weight, h, routerw, r->forced_choice_expert, n, C, E, k, cfg->renorm);
     cudaCheckLaunch();
@@ -557,7 +557,6 @@ static void router_backward(floatX* dh, float* drouterw, DeviceRouting* r, const
                             float alpha, float beta, int n, int C, cudaStream_t stream) {
     int E = cfg->num_experts, k = cfg->router == ROUTER_EXPERT ? 0 : cfg->top_k;
     int warps = router_warps_per_block(E);
-    allow_dynamic_smem(router_backward_kernel, router_shared_bytes(E), "the router's backward kernel (E floats and ints per warp)");
     router_backward_kernel<<<ceil_div_int(n, warps), warps * WARP_SIZE, router_shared_bytes(E), stream>>>(
         dh, r->dlogits, r->drow_weight, r->choice_expert, r->choice_weight, r->choice_row, r->pair_row, r->probs, r->lse, r->assignments,
         r->counts, routerw, alpha, beta, n, C, E, k, cfg->renorm);
