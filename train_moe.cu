@@ -209,6 +209,7 @@ static size_t model_add_buffers(Model* m, const ModelConfig* cfg, int B, int T, 
     buffers_add(d, &m->encoded, (size_t)N * C);
     m->layers.clear();
     m->layers.resize(cfg->num_layers);  // never resized again: the list holds pointers into it
+    const DeviceRouting* first_moe = NULL;
     for (int l = 0; l < cfg->num_layers; l++) {
         LayerActivations& a = m->layers[l];
         memset(&a, 0, sizeof(a));
@@ -228,7 +229,8 @@ static size_t model_add_buffers(Model* m, const ModelConfig* cfg, int B, int T, 
             if (!recompute) { buffers_add(d, &a.fch_gelu, (size_t)N * 4 * C); }
             continue;
         }
-        routing_add_buffers(&a.routing, d, N, E, cfg->top_k, (int)rows, C);
+        routing_add_buffers(&a.routing, d, N, E, cfg->top_k, (int)rows, C, first_moe);  // one backward set for all
+        if (!first_moe) { first_moe = &a.routing; }
         buffers_add(d, &a.expert_input, rows * C);
         buffers_add(d, &a.expert_fch, rows * H);
         if (!recompute) { buffers_add(d, &a.expert_fch_gelu, rows * H); }

@@ -63,10 +63,11 @@ struct DeviceRouting {
     int* counts;               // (2) assignments in all, dropped ones
     float* balance_loss;       // (1) E * sum_e f_e P_e
     float* z_loss;             // (1) mean_t lse_t^2
-    // backward
+    // backward: scratch of one layer's backward, which a model's MoE layers share (backward_owner)
     float* drow_weight;        // (max_rows) dL/d row_weight, from unpermute_tokens_backward
     float* dlogits;            // (N, E)
     float* drouterw_partial;   // (ceil(N / ROUTER_TOKEN_CHUNK), E, C)
+    const DeviceRouting* backward_owner;  // the routing whose backward buffers these are, or NULL: its own
     // accumulated between two reports: assignments (E), total, dropped, entropy sum, tokens
     double* stats;             // (E + 4)
     // the tests' teacher forcing (NULL in training): decisions taken as given instead of made,
@@ -491,8 +492,13 @@ static int router_warps_per_block(int E) { return E <= 256 ? 8 : 2; }
 static size_t router_shared_bytes(int E) { return (size_t)router_warps_per_block(E) * E * (sizeof(float) + sizeof(int)); }
 
 // Adds the routing's buffers to d, for up to N tokens, E experts, top-k (expert choice: k = 0 is
-// fine), max_rows rows, C channels; routing_ready once d is allocated.
-static void routing_add_buffers(DeviceRouting* r, DeviceBuffers* d, int N, int E, int k, int max_rows, int C) {
+// fine), max_rows rows, C channels; routing_ready once d is allocated. The backward's three
+// buffers live only from unpermute_tokens_backward to the end of router_backward, one layer at a
+// time: with backward_owner (an earlier layer's routing of the same sizes) r lists none of its own
+// but uses the owner's, so L MoE layers hold one set (at E=64, B=64, T=1024, C=768 a set is
+// 114 MiB, 96 of them dWr's partial sums). NULL: r owns its set.
+static void routing_add_buffers(DeviceRouting* r, DeviceBuffers* d, int N, int E, int k, int max_rows, int C,
+                                const DeviceRouting* backward_owner) {
     memset(r, 0, sizeof(*r));
     r->N = N;
     r->E = E;
@@ -518,14 +524,28 @@ static void routing_add_buffers(DeviceRouting* r, DeviceBuffers* d, int N, int E
     buffers_add(d, &r->counts, 2);
     buffers_add(d, &r->balance_loss, 1);
     buffers_add(d, &r->z_loss, 1);
+    buffers_add(d, &r->stats, E + 4);
+    r->backward_owner = backward_owner;
+    if (backward_owner) {
+        const DeviceRouting* o = backward_owner;
+        if (o->backward_owner || o->N != N || o->E != E || o->max_rows < max_rows || o->C != C) {
+            die("routing_add_buffers: the backward buffers' owner holds N=%d E=%d rows=%d C=%d, this routing needs N=%d E=%d rows=%d C=%d", o->N,
+                o->E, o->max_rows, o->C, N, E, max_rows, C);
+        }
+        return;
+    }
     buffers_add(d, &r->drow_weight, rows);
     buffers_add(d, &r->dlogits, NE);
     buffers_add(d, &r->drouterw_partial, (size_t)ceil_div_int(N, ROUTER_TOKEN_CHUNK) * E * C);
-    buffers_add(d, &r->stats, E + 4);
 }
 
-// the allocated routing's statistics cleared
+// once d is allocated: the backward buffers taken from their owner, the statistics cleared
 static void routing_ready(DeviceRouting* r) {
+    if (r->backward_owner) {
+        r->drow_weight = r->backward_owner->drow_weight;
+        r->dlogits = r->backward_owner->dlogits;
+        r->drouterw_partial = r->backward_owner->drouterw_partial;
+    }
     cudaCheck(cudaMemset(r->stats, 0, (r->E + 4) * sizeof(double)));
 }
 

@@ -104,7 +104,7 @@ static void validate_mode(const Mode& m, int N, int C, int distinct = 0) {
     // the GPU
     DeviceRouting dr;
     DeviceBuffers routing_buffers;
-    routing_add_buffers(&dr, &routing_buffers, N, E, k, rows_max, C);
+    routing_add_buffers(&dr, &routing_buffers, N, E, k, rows_max, C, NULL);
     buffers_allocate(&routing_buffers);
     routing_ready(&dr);
     floatX* d_h = to_device<floatX>(h);
@@ -161,7 +161,7 @@ static void benchmark() {
         int rows_max = max_routing_rows(&cfg, N);
         DeviceRouting dr;
         DeviceBuffers routing_buffers;
-        routing_add_buffers(&dr, &routing_buffers, N, m.E, m.k, rows_max, C);
+        routing_add_buffers(&dr, &routing_buffers, N, m.E, m.k, rows_max, C, NULL);
         buffers_allocate(&routing_buffers);
         routing_ready(&dr);
         floatX* d_h = to_device<floatX>(random_vector((size_t)N * C, 21));
