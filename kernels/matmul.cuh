@@ -33,6 +33,23 @@ static const cudaDataType_t CUDA_FLOATX = CUDA_R_16BF;
 static cublasLtHandle_t cublaslt_handle;
 static void* cublaslt_workspace = NULL;
 
+// cublasLtMatmulAlgoGetHeuristic costs the host some tens of microseconds, about what a matmul of a
+// small batch costs the GPU: asked for each of a step's matmuls (12 per GPT-2 layer and step), it
+// could leave the GPU waiting on the host. Its answer depends only on the problem (shape, leading
+// dimensions, transposes, epilogue, output type) and on the operands' alignment (C is D), so it
+// is asked once for each such key, a few dozen in a run, and kept.
+struct MatmulKey {
+    int v[13];  // m n k lda ldb ldd trans_a trans_b bias d_type, alignment of A B D
+};
+static std::vector<std::pair<MatmulKey, cublasLtMatmulHeuristicResult_t>> matmul_algos;
+
+static const cublasLtMatmulHeuristicResult_t* matmul_algo_find(const MatmulKey& key) {
+    for (const std::pair<MatmulKey, cublasLtMatmulHeuristicResult_t>& a : matmul_algos) {
+        if (memcmp(a.first.v, key.v, sizeof(key.v)) == 0) { return &a.second; }
+    }
+    return NULL;
+}
+
 // ----------------------------------------------------------------------------
 // CUDA kernels
 
@@ -71,6 +88,7 @@ static void matmul_setup() {
 }
 
 static void matmul_teardown() {
+    matmul_algos.clear();
     cudaCheck(cudaFree(cublaslt_workspace));
     cublasCheck(cublasLtDestroy(cublaslt_handle));
 }
@@ -100,28 +118,36 @@ static void cublaslt_matmul(void* D, cudaDataType_t d_type, int ldd, const float
     cublasCheck(cublasLtMatrixLayoutCreate(&a_layout, CUDA_FLOATX, trans_a ? k : m, trans_a ? m : k, lda));
     cublasCheck(cublasLtMatrixLayoutCreate(&b_layout, CUDA_FLOATX, trans_b ? n : k, trans_b ? k : n, ldb));
     cublasCheck(cublasLtMatrixLayoutCreate(&d_layout, d_type, m, n, ldd));
-    cublasLtMatmulPreference_t preference;
-    cublasCheck(cublasLtMatmulPreferenceCreate(&preference));
-    size_t workspace = CUBLASLT_WORKSPACE_BYTES;
-    cublasCheck(cublasLtMatmulPreferenceSetAttribute(preference, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &workspace, sizeof(workspace)));
     const void* operands[4] = {A, B, D, D};  // A, B, C, D: C is D
-    const cublasLtMatmulPreferenceAttributes_t align_attribute[4] = {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
-                                                                     CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES};
-    for (int i = 0; i < 4; i++) {
-        uint32_t align = pointer_alignment(operands[i]);
-        cublasCheck(cublasLtMatmulPreferenceSetAttribute(preference, align_attribute[i], &align, sizeof(align)));
-    }
-    cublasLtMatmulHeuristicResult_t heuristic;
-    int found = 0;
-    cublasCheck(cublasLtMatmulAlgoGetHeuristic(cublaslt_handle, desc, a_layout, b_layout, d_layout, d_layout, preference, 1, &heuristic, &found));
-    if (found == 0) {
-        die("cuBLASLt has no algorithm for m=%d n=%d k=%d (trans %d %d, bias %s, output %s)", m, n, k, trans_a, trans_b, bias ? "yes" : "no",
-            d_type == CUDA_R_32F ? "fp32" : "bf16");
+    MatmulKey key = {{m, n, k, lda, ldb, ldd, trans_a, trans_b, bias != NULL, (int)d_type, (int)pointer_alignment(A),
+                      (int)pointer_alignment(B), (int)pointer_alignment(D)}};
+    const cublasLtMatmulHeuristicResult_t* heuristic = matmul_algo_find(key);
+    if (!heuristic) {  // the first matmul of this key: ask the heuristic, told each operand's real alignment
+        cublasLtMatmulPreference_t preference;
+        cublasCheck(cublasLtMatmulPreferenceCreate(&preference));
+        size_t workspace = CUBLASLT_WORKSPACE_BYTES;
+        cublasCheck(cublasLtMatmulPreferenceSetAttribute(preference, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &workspace, sizeof(workspace)));
+        const cublasLtMatmulPreferenceAttributes_t align_attribute[4] = {
+            CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES,
+            CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES};
+        for (int i = 0; i < 4; i++) {
+            uint32_t align = pointer_alignment(operands[i]);
+            cublasCheck(cublasLtMatmulPreferenceSetAttribute(preference, align_attribute[i], &align, sizeof(align)));
+        }
+        cublasLtMatmulHeuristicResult_t result;
+        int found = 0;
+        cublasCheck(cublasLtMatmulAlgoGetHeuristic(cublaslt_handle, desc, a_layout, b_layout, d_layout, d_layout, preference, 1, &result, &found));
+        cublasCheck(cublasLtMatmulPreferenceDestroy(preference));
+        if (found == 0) {
+            die("cuBLASLt has no algorithm for m=%d n=%d k=%d (trans %d %d, bias %s, output %s)", m, n, k, trans_a, trans_b, bias ? "yes" : "no",
+                d_type == CUDA_R_32F ? "fp32" : "bf16");
+        }
+        matmul_algos.push_back({key, result});
+        heuristic = &matmul_algos.back().second;
     }
     float alpha = 1.0f;
-    cublasCheck(cublasLtMatmul(cublaslt_handle, desc, &alpha, A, a_layout, B, b_layout, &beta, D, d_layout, D, d_layout, &heuristic.algo,
+    cublasCheck(cublasLtMatmul(cublaslt_handle, desc, &alpha, A, a_layout, B, b_layout, &beta, D, d_layout, D, d_layout, &heuristic->algo,
                                cublaslt_workspace, CUBLASLT_WORKSPACE_BYTES, stream));
-    cublasCheck(cublasLtMatmulPreferenceDestroy(preference));
     cublasCheck(cublasLtMatrixLayoutDestroy(a_layout));
     cublasCheck(cublasLtMatrixLayoutDestroy(b_layout));
     cublasCheck(cublasLtMatrixLayoutDestroy(d_layout));
