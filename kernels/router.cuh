@@ -2,10 +2,11 @@
 The router of an MoE layer, in fp32 always (doc/routing.md sections 1, 2, 5, 6). Everything the
 permutation and the experts need is decided on the device: the host never waits for a count.
 
-  router_forward    logits z = h . Wr^T, p = softmax(z), top-k by z (ties to the lower expert),
-                    combine weights (renormalised or not), the capacity rule (dropless, or a
-                    capacity with order or score priority) or expert choice, the expert-contiguous
-                    row layout, each token's rows, and the load-balancing and z losses.
+  router_forward    router_scores: logits z = h . Wr^T, p = softmax(z), top-k by z (ties to the
+                    lower expert), combine weights (renormalised or not); then route_layout: the
+                    capacity rule (dropless, or a capacity with order or score priority) or
+                    expert choice, the expert-contiguous row layout, each token's rows, and the
+                    load-balancing and z losses.
   router_backward   combine-weight gradients (from unpermute_tokens_backward) and the auxiliary
                     losses through the softmax to dh += dz . Wr and dWr += dz^T h.
   routing_stats_*   the per-layer report: expert shares, dropped fraction, routing entropy.
@@ -549,9 +550,13 @@ static void routing_ready(DeviceRouting* r) {
     cudaCheck(cudaMemset(r->stats, 0, (r->E + 4) * sizeof(double)));
 }
 
-// The routing of n tokens h (n, C) with the fp32 router weights routerw (E, C): scores, choices,
-// the row layout and the auxiliary losses, all on the device (see the file's comment).
-static void router_forward(DeviceRouting* r, const floatX* h, const float* routerw, const ModelConfig* cfg, int n, int C, cudaStream_t stream) {
+// The routing of n tokens h (n, C) with the fp32 router weights routerw (E, C), in two steps that
+// router_forward runs one after the other (the kernel study times them apart):
+//   router_scores  the logits, softmax and log-sum-exp of every token and, for token choice, its
+//                  top-k and combine weights (router_scores_kernel);
+//   route_layout   the capacity rule, the expert-contiguous row layout, each token's rows and the
+//                  auxiliary losses (route_select_kernel, then route_rows_kernel).
+static void router_scores(DeviceRouting* r, const floatX* h, const float* routerw, const ModelConfig* cfg, int n, int C, cudaStream_t stream) {
     int E = cfg->num_experts;
     bool ec = cfg->router == ROUTER_EXPERT;
     int k = ec ? 0 : cfg->top_k;
@@ -563,11 +568,23 @@ static void router_forward(DeviceRouting* r, const floatX* h, const float* route
     router_scores_kernel<<<ceil_div_int(n, warps), warps * WARP_SIZE, router_shared_bytes(E), stream>>>(
         r->logits, r->probs, r->lse, r->choice_expert, r->choice_weight, h, routerw, r->forced_choice_expert, n, C, E, k, cfg->renorm);
     cudaCheckLaunch();
+}
+
+// the layout of the r->n tokens router_scores scored
+static void route_layout(DeviceRouting* r, const ModelConfig* cfg, cudaStream_t stream) {
+    int n = r->n, E = cfg->num_experts;
+    bool ec = cfg->router == ROUTER_EXPERT;
+    int k = ec ? 0 : cfg->top_k;
     RouteLayoutArgs a = {n, E, k, ec ? expert_choice_capacity(cfg, n) : token_choice_capacity(cfg, n), cfg->capacity_priority, ec};
     route_select_kernel<<<E, ROUTE_THREADS, 0, stream>>>(*r, a);
     cudaCheckLaunch();
     route_rows_kernel<<<1, ROUTE_THREADS, 0, stream>>>(*r, a);
     cudaCheckLaunch();
+}
+
+static void router_forward(DeviceRouting* r, const floatX* h, const float* routerw, const ModelConfig* cfg, int n, int C, cudaStream_t stream) {
+    router_scores(r, h, routerw, cfg, n, C, stream);
+    route_layout(r, cfg, stream);
 }
 
 // dh (n, C) += and drouterw (E, C) += the router's share of the gradient, from r->drow_weight

@@ -27,9 +27,16 @@ weights of the rows, the permuted rows (an exact copy) and the un-permuted outpu
 Tolerances: combine weights 1e-5 (fp32 softmax on both sides, dot products summed in another
 order); un-permuted output 1e-5 (FP32) and 1e-2 (BF16: the output is rounded to bf16, 2^-9).
 The backward of these kernels is checked through the whole model by test_moe.
-Speed of light at the timing shape (8192 tokens, C = 768, E = 8, top-2, bf16): the router's
-logits are 2 * N * C * E = 0.1 GFLOP; permute and un-permute each move 16384 rows of 1536 bytes
-in and out (about 75 MB, 22 us at 3.35 TB/s).
+Speed of light at the timing shapes (C = 768, bf16; router_forward timed as its two steps, the
+scores and the layout). 8192 tokens, E = 8, top-2: the router's logits are 2 * N * C * E =
+0.1 GFLOP; permute and un-permute each move 16384 rows of 1536 bytes in and out (about 75 MB,
+22 us at 3.35 TB/s). 65536 tokens (B=64 x T=1024, the benchmark's batch), top-2 of 8: 8x all of
+that; the expert MLP is 6 GEMMs of 2 * rows * C * H = 3.7 TFLOP forward and backward. 65536
+tokens, top-8 of 64 (G=8, H=384): 524288 rows, permute 1.6 GB in and out (0.48 ms), logits
+6.4 GFLOP in fp32, the expert MLP 1.9 TFLOP. The layout reads and writes a few ints per
+candidate (N * k of them, at most 0.5 M: about 10 MB, 3 us at full bandwidth), but its second
+kernel is a single block, bound by latency rather than bandwidth: the two 65536-token shapes
+say what that costs where it matters.
 */
 #include "dev_common.cuh"
 #include "../../kernels/router.cuh"
@@ -147,16 +154,30 @@ static void validate_mode(const Mode& m, int N, int C, int distinct = 0) {
 
 // One MoE layer at GPT-2 124M's shape: the routing kernels forward and backward against the
 // layer's expert GEMMs
+// A timing shape: a routing mode at N tokens, experts of hidden width H = 4C / G
+struct TimingShape {
+    Mode m;
+    int N, G;
+};
+
 static void benchmark() {
-    const int N = 8 * 1024, C = 768, H = 4 * C;
-    const Mode modes[] = {
-        {"top-2 dropless", 8, 2, 1, ROUTER_TOPK, 0.0f, PRIORITY_ORDER},
-        {"top-2 capacity 1.25, order", 8, 2, 1, ROUTER_TOPK, 1.25f, PRIORITY_ORDER},
-        {"top-2 capacity 1.25, score", 8, 2, 1, ROUTER_TOPK, 1.25f, PRIORITY_SCORE},
-        {"expert choice, capacity 2", 8, 2, 1, ROUTER_EXPERT, 2.0f, PRIORITY_ORDER},
+    const int C = 768;
+    const TimingShape shapes[] = {
+        {{"top-2 dropless", 8, 2, 1, ROUTER_TOPK, 0.0f, PRIORITY_ORDER}, 8192, 1},
+        {{"top-2 capacity 1.25, order", 8, 2, 1, ROUTER_TOPK, 1.25f, PRIORITY_ORDER}, 8192, 1},
+        {{"top-2 capacity 1.25, score", 8, 2, 1, ROUTER_TOPK, 1.25f, PRIORITY_SCORE}, 8192, 1},
+        {{"expert choice, capacity 2", 8, 2, 1, ROUTER_EXPERT, 2.0f, PRIORITY_ORDER}, 8192, 1},
+        // B=64 x T=1024, the benchmark's batch: the layout's single block sees 8x the tokens (BF16 only)
+        {{"top-2 dropless", 8, 2, 1, ROUTER_TOPK, 0.0f, PRIORITY_ORDER}, 65536, 1},
+        {{"top-8 of 64, G=8, dropless", 64, 8, 1, ROUTER_TOPK, 0.0f, PRIORITY_ORDER}, 65536, 8},
     };
-    printf("timing: %d tokens, C=%d, E=8, H=%d (%s); median of 20 runs\n", N, C, H, PRECISION_NAME);
-    for (const Mode& m : modes) {
+    printf("timing: C=%d (%s); median of 20 runs; router_forward = scores + layout\n", C, PRECISION_NAME);
+    for (const TimingShape& shape : shapes) {
+#if defined(ENABLE_FP32)
+        if (shape.N > 8192) { continue; }  // the CUDA-core expert GEMMs would take a minute; the product is bf16
+#endif
+        const Mode& m = shape.m;
+        const int N = shape.N, H = 4 * C / shape.G;
         ModelConfig cfg = routing_config(m, C);
         int rows_max = max_routing_rows(&cfg, N);
         DeviceRouting dr;
@@ -166,14 +187,19 @@ static void benchmark() {
         routing_ready(&dr);
         floatX* d_h = to_device<floatX>(random_vector((size_t)N * C, 21));
         float* d_routerw = to_device<float>(random_vector((size_t)m.E * C, 22, 0.02f));
-        floatX* d_rows = to_device<floatX>(random_vector((size_t)rows_max * C, 23));
+        floatX* d_rows = cuda_malloc<floatX>((size_t)rows_max * C);
         floatX* d_rows2 = cuda_malloc<floatX>((size_t)rows_max * C);
         floatX* d_y = cuda_malloc<floatX>((size_t)N * C);
         floatX* d_dh = cuda_malloc<floatX>((size_t)N * C);
         float* d_drouterw = cuda_malloc<float>((size_t)m.E * C);
         cudaCheck(cudaMemset(d_drouterw, 0, (size_t)m.E * C * sizeof(float)));
         router_forward(&dr, d_h, d_routerw, &cfg, N, C, 0);
-        float route_ms = benchmark_ms(20, [&]() { router_forward(&dr, d_h, d_routerw, &cfg, N, C, 0); });
+        // the experts' outputs stand in as the permuted inputs (drawing rows_max * C values on
+        // the host would take seconds at 65536 tokens); the rows past the used ones are zero
+        cudaCheck(cudaMemset(d_rows, 0, (size_t)rows_max * C * sizeof(floatX)));
+        permute_tokens(d_rows, d_h, &dr, C, 0);
+        float scores_ms = benchmark_ms(20, [&]() { router_scores(&dr, d_h, d_routerw, &cfg, N, C, 0); });
+        float layout_ms = benchmark_ms(20, [&]() { route_layout(&dr, &cfg, 0); });
         float permute_ms = benchmark_ms(20, [&]() { permute_tokens(d_rows2, d_h, &dr, C, 0); });
         float unpermute_ms = benchmark_ms(20, [&]() { unpermute_tokens(d_y, d_rows, &dr, N, C, 0); });
         float backward_ms = benchmark_ms(20, [&]() {
@@ -199,10 +225,11 @@ static void benchmark() {
                                 grads + (size_t)m.E * (2 * H * C + H), dfch, dfch_gelu, d_rows, d_rows, fch, fch_gelu, dr.expert_offsets,
                                 rows_max, w1, w2, m.E, C, H, 0);
         });
-        float routing_ms = route_ms + permute_ms + unpermute_ms + backward_ms;
-        printf("%-28s %5d rows: router_forward %.3f ms, permute %.3f ms, unpermute %.3f ms, backward (all three) %.3f ms; "
-               "together %.3f ms = %.1f%% of the expert MLP's %.3f ms\n",
-               m.name, rows, route_ms, permute_ms, unpermute_ms, backward_ms, routing_ms, 100.0 * routing_ms / mlp_ms, mlp_ms);
+        float routing_ms = scores_ms + layout_ms + permute_ms + unpermute_ms + backward_ms;
+        printf("%-26s N=%5d H=%4d %6d rows: router_forward %.3f ms (scores %.3f, layout %.3f), permute %.3f ms, unpermute %.3f ms, "
+               "backward (all three) %.3f ms; together %.3f ms = %.1f%% of the expert MLP's %.3f ms\n",
+               m.name, N, H, rows, scores_ms + layout_ms, scores_ms, layout_ms, permute_ms, unpermute_ms, backward_ms, routing_ms,
+               100.0 * routing_ms / mlp_ms, mlp_ms);
         buffers_free(&routing_buffers);
         for (void* p : std::initializer_list<void*>{d_h, d_routerw, d_rows, d_rows2, d_y, d_dh, d_drouterw, w1, w2, b1, b2, fch, fch_gelu, dfch,
                                                     dfch_gelu, grads}) {
