@@ -17,10 +17,13 @@ The kernels:
                          the top-k and the combine weights.
   route_select_kernel    a block per expert: which of its candidates it keeps, slot by slot (the
                          capacity rule; by score, a radix select of the cut key in four 8-bit
-                         passes, ties in token order), then their rows within the expert, by a
-                         block-wide scan in token order. O(N k / 1024) per thread and pass.
+                         passes, ties in token order), then their rows within the expert, in
+                         token order. O(N k / 1024) per thread and pass.
   route_rows_kernel      one block for the layer: the expert offsets, every row's token and
                          weight, each token's rows (a scan over the tokens), the auxiliary losses.
+  Both order tokens the same way: tiles of 1024 consecutive tokens, one per thread, so that a
+  warp reads 32 neighbouring tokens' choices (a few cache lines, not 32), a block scan within
+  the tile and a running total across tiles (N / 1024 scans a pass).
   router_backward_kernel one warp per token: dw -> dp -> dz, and dh += dz . Wr.
   router_weight_grad_*   dWr as partial sums over chunks of tokens, then the chunks in order.
 Every sum has a fixed order: two runs give the same bits.
@@ -206,20 +209,19 @@ __device__ __forceinline__ unsigned route_key(const DeviceRouting& r, const Rout
 }
 
 // Radix select over the block: the need-th largest key (need >= 1) among expert e's candidates in
-// slot j, the tokens [t0, t1) being this thread's. Returns the key and sets *ties_kept to how
+// slot j, each thread taking every blockDim.x-th token. Returns the key and sets *ties_kept to how
 // many candidates equal to it are kept (need minus those above it). Four passes of 8 bits from
 // the top: a histogram of the candidates that match the digits found so far, then the bin in which
 // the need-th largest falls. The histogram counts integers, so the result does not depend on the
 // order of the atomics.
-__device__ unsigned route_select_key(const DeviceRouting& r, const RouteLayoutArgs& a, int j, int e, int t0, int t1, int need,
-                                     int* ties_kept) {
+__device__ unsigned route_select_key(const DeviceRouting& r, const RouteLayoutArgs& a, int j, int e, int need, int* ties_kept) {
     __shared__ int hist[256];
     __shared__ unsigned found[2];  // the digits found so far, the need left within them
     unsigned prefix = 0, mask = 0;
     for (int shift = 24; shift >= 0; shift -= 8) {
         for (int b = threadIdx.x; b < 256; b += blockDim.x) { hist[b] = 0; }
         __syncthreads();  // hist is zero; and every thread has read the last pass's `found`
-        for (int t = t0; t < t1; t++) {
+        for (int t = threadIdx.x; t < a.N; t += blockDim.x) {
             int i = route_candidate(r, a, t, j, e);
             unsigned key = i >= 0 ? route_key(r, a, t, e) : 0u;
             if (i >= 0 && (key & mask) == prefix) { atomicAdd(&hist[(key >> shift) & 255], 1); }
@@ -259,24 +261,25 @@ __device__ unsigned route_select_key(const DeviceRouting& r, const RouteLayoutAr
 // to it the first in token order. Later slots keep nothing. Then the kept candidates in token
 // order get e's rows 0, 1, ... Writes keep[i] = that row or -1 (choice_row for token choice,
 // pair_row for expert choice: the blocks write disjoint candidates), e's counts, and sum_t p[t][e].
+// Passes in token order go through tiles of blockDim.x consecutive tokens, a token per thread
+// (neighbouring threads read neighbouring tokens' choices), a block scan ordering each tile and a
+// running total carrying the tiles before it.
 __global__ void __launch_bounds__(ROUTE_THREADS) route_select_kernel(DeviceRouting r, RouteLayoutArgs a) {
     __shared__ int scan_shared[WARP_SIZE + 1];
     __shared__ double sum_shared[WARP_SIZE];
     int e = blockIdx.x, N = a.N, threads = blockDim.x;
     int slots = a.expert_choice ? 1 : a.k;
     int* keep = a.expert_choice ? r.pair_row : r.choice_row;
-    // this thread's tokens: a contiguous chunk, so that one scan orders them
-    int per = (N + threads - 1) / threads, t0 = min(N, (int)threadIdx.x * per), t1 = min(N, t0 + per);
 
     int left = a.cap < 0 ? INT_MAX : a.cap;  // rows e may still take
     int assigned = 0;
     for (int j = 0; j < slots; j++) {
         int mine = 0, count;
-        for (int t = t0; t < t1; t++) { mine += route_candidate(r, a, t, j, e) >= 0; }
+        for (int t = threadIdx.x; t < N; t += threads) { mine += route_candidate(r, a, t, j, e) >= 0; }
         block_exclusive_scan(mine, scan_shared, &count);
         assigned += count;
         if (r.forced_keep) {  // the tests' teacher forcing
-            for (int t = t0; t < t1; t++) {
+            for (int t = threadIdx.x; t < N; t += threads) {
                 int i = route_candidate(r, a, t, j, e);
                 if (i >= 0) { keep[i] = r.forced_keep[i] ? 0 : -1; }
             }
@@ -284,42 +287,45 @@ __global__ void __launch_bounds__(ROUTE_THREADS) route_select_kernel(DeviceRouti
         }
         // all kept while they fit, none once the capacity is spent; in the slot where it runs out,
         // keys above the cut and the first ties_kept of those equal to it, in token order
-        bool cut_here = count > left && left > 0;
+        bool cut_here = count > left && left > 0;  // the same in every thread
         unsigned cut = 0;  // by order every key is 0: the first `left` in token order
-        int ties_kept = left, tie = 0;
-        if (cut_here) {
-            if (route_by_score(a)) { cut = route_select_key(r, a, j, e, t0, t1, left, &ties_kept); }
-            int ties = 0, total;
-            for (int t = t0; t < t1; t++) { ties += route_candidate(r, a, t, j, e) >= 0 && route_key(r, a, t, e) == cut; }
-            tie = block_exclusive_scan(ties, scan_shared, &total);  // equal keys of the tokens before this thread's
-        }
-        for (int t = t0; t < t1; t++) {
-            int i = route_candidate(r, a, t, j, e);
-            if (i < 0) { continue; }
-            unsigned key = route_key(r, a, t, e);
-            bool kept = count <= left || (cut_here && (key > cut || (key == cut && tie++ < ties_kept)));
-            keep[i] = kept ? 0 : -1;
+        int ties_kept = left;
+        if (cut_here && route_by_score(a)) { cut = route_select_key(r, a, j, e, left, &ties_kept); }
+        int ties_before = 0;  // candidates equal to the cut in the earlier tiles
+        for (int base = 0; base < N; base += threads) {
+            int t = base + threadIdx.x;
+            int i = t < N ? route_candidate(r, a, t, j, e) : -1;
+            unsigned key = i >= 0 ? route_key(r, a, t, e) : 0u;
+            bool tied = i >= 0 && key == cut;
+            int tie = 0, tile_ties = 0;  // this candidate's rank among the tied ones, in token order
+            if (cut_here) { tie = ties_before + block_exclusive_scan(tied, scan_shared, &tile_ties); }
+            if (i >= 0) { keep[i] = count <= left || (cut_here && (key > cut || (tied && tie < ties_kept))) ? 0 : -1; }
+            ties_before += tile_ties;
         }
         left = max(0, left - count);
     }
     __syncthreads();  // this block's keep[] is written
 
-    // e's rows, in token order; and P_e's sum, over the chunks in thread order
-    int kept = 0, rows;
+    // e's rows, in token order; and P_e's sum (each thread's tokens, then the threads in order)
+    int rows = 0;  // e's rows in the earlier tiles
     double P = 0.0;
-    for (int t = t0; t < t1; t++) {
-        for (int j = 0; j < slots; j++) {
-            int i = route_candidate(r, a, t, j, e);
-            kept += i >= 0 && keep[i] == 0;
+    for (int base = 0; base < N; base += threads) {
+        int t = base + threadIdx.x, kept = 0, tile_rows;
+        if (t < N) {
+            for (int j = 0; j < slots; j++) {
+                int i = route_candidate(r, a, t, j, e);
+                kept += i >= 0 && keep[i] == 0;
+            }
+            P += r.probs[(size_t)t * a.E + e];
         }
-        P += r.probs[(size_t)t * a.E + e];
-    }
-    int row = block_exclusive_scan(kept, scan_shared, &rows);
-    for (int t = t0; t < t1; t++) {
-        for (int j = 0; j < slots; j++) {
-            int i = route_candidate(r, a, t, j, e);
-            if (i >= 0 && keep[i] == 0) { keep[i] = row++; }
+        int row = rows + block_exclusive_scan(kept, scan_shared, &tile_rows);
+        if (t < N) {
+            for (int j = 0; j < slots; j++) {
+                int i = route_candidate(r, a, t, j, e);
+                if (i >= 0 && keep[i] == 0) { keep[i] = row++; }
+            }
         }
+        rows += tile_rows;
     }
     P = block_reduce_sum_double(P, sum_shared);
     if (threadIdx.x == 0) {
@@ -356,29 +362,33 @@ __global__ void __launch_bounds__(ROUTE_THREADS) route_rows_kernel(DeviceRouting
     }
     __syncthreads();  // the offsets are visible to the block
 
-    int per = (N + threads - 1) / threads, t0 = min(N, (int)threadIdx.x * per), t1 = min(N, t0 + per);
-    int count = 0, total;
-    for (int t = t0; t < t1; t++) {
-        for (int j = 0; j < per_token; j++) { count += keep[t * per_token + j] >= 0; }
-    }
-    int at = block_exclusive_scan(count, scan_shared, &total);
-    for (int t = t0; t < t1; t++) {
-        r.token_row_offsets[t] = at;
-        for (int j = 0; j < per_token; j++) {
-            int i = t * per_token + j;
-            if (keep[i] < 0) { continue; }
-            int e = ec ? j : r.choice_expert[i];
-            int row = r.expert_offsets[e] + keep[i];
-            keep[i] = row;
-            r.row_token[row] = t;
-            r.row_weight[row] = ec ? r.probs[(size_t)t * E + e] : r.choice_weight[i];
-            r.token_rows[at++] = row;
+    // each token's rows, in token order: tiles of `threads` tokens, as in route_select_kernel
+    int total = 0;  // the rows of the tokens in the earlier tiles
+    for (int base = 0; base < N; base += threads) {
+        int t = base + threadIdx.x, count = 0, tile_rows;
+        if (t < N) {
+            for (int j = 0; j < per_token; j++) { count += keep[t * per_token + j] >= 0; }
         }
+        int at = total + block_exclusive_scan(count, scan_shared, &tile_rows);
+        if (t < N) {
+            r.token_row_offsets[t] = at;
+            for (int j = 0; j < per_token; j++) {
+                int i = t * per_token + j;
+                if (keep[i] < 0) { continue; }
+                int e = ec ? j : r.choice_expert[i];
+                int row = r.expert_offsets[e] + keep[i];
+                keep[i] = row;
+                r.row_token[row] = t;
+                r.row_weight[row] = ec ? r.probs[(size_t)t * E + e] : r.choice_weight[i];
+                r.token_rows[at++] = row;
+            }
+        }
+        total += tile_rows;
     }
     if (threadIdx.x == 0) { r.token_row_offsets[N] = total; }
 
     double z2 = 0.0;
-    for (int t = t0; t < t1; t++) { z2 += (double)r.lse[t] * r.lse[t]; }
+    for (int t = threadIdx.x; t < N; t += threads) { z2 += (double)r.lse[t] * r.lse[t]; }
     z2 = block_reduce_sum_double(z2, sum_shared);
     if (threadIdx.x == 0) { *r.z_loss = (float)(z2 / N); }
 }
