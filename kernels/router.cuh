@@ -306,7 +306,7 @@ __global__ void __launch_bounds__(ROUTE_THREADS) route_select_kernel(DeviceRouti
     }
     __syncthreads();  // this block's keep[] is written
 
-    // e's rows, in token order; and P_e's sum (each thread's tokens, then the threads in order)
+    // e's rows, in token order; and P_e's sum (each thread's tokens, then a fixed tree over the threads)
     int rows = 0;  // e's rows in the earlier tiles
     double P = 0.0;
     for (int base = 0; base < N; base += threads) {
