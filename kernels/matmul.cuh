@@ -118,9 +118,8 @@ static void cublaslt_matmul(void* D, cudaDataType_t d_type, int ldd, const float
     cublasCheck(cublasLtMatrixLayoutCreate(&a_layout, CUDA_FLOATX, trans_a ? k : m, trans_a ? m : k, lda));
     cublasCheck(cublasLtMatrixLayoutCreate(&b_layout, CUDA_FLOATX, trans_b ? n : k, trans_b ? k : n, ldb));
     cublasCheck(cublasLtMatrixLayoutCreate(&d_layout, d_type, m, n, ldd));
-    const void* operands[4] = {A, B, D, D};  // A, B, C, D: C is D
-    MatmulKey key = {{m, n, k, lda, ldb, ldd, trans_a, trans_b, bias != NULL, (int)d_type, (int)pointer_alignment(A),
-                      (int)pointer_alignment(B), (int)pointer_alignment(D)}};
+    const uint32_t align[4] = {pointer_alignment(A), pointer_alignment(B), pointer_alignment(D), pointer_alignment(D)};  // C is D
+    MatmulKey key = {{m, n, k, lda, ldb, ldd, trans_a, trans_b, bias != NULL, (int)d_type, (int)align[0], (int)align[1], (int)align[3]}};
     const cublasLtMatmulHeuristicResult_t* heuristic = matmul_algo_find(key);
     if (!heuristic) {  // the first matmul of this key: ask the heuristic, told each operand's real alignment
         cublasLtMatmulPreference_t preference;
@@ -131,8 +130,7 @@ static void cublaslt_matmul(void* D, cudaDataType_t d_type, int ldd, const float
             CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES,
             CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES};
         for (int i = 0; i < 4; i++) {
-            uint32_t align = pointer_alignment(operands[i]);
-            cublasCheck(cublasLtMatmulPreferenceSetAttribute(preference, align_attribute[i], &align, sizeof(align)));
+            cublasCheck(cublasLtMatmulPreferenceSetAttribute(preference, align_attribute[i], &align[i], sizeof(align[i])));
         }
         cublasLtMatmulHeuristicResult_t result;
         int found = 0;
