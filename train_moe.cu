@@ -229,7 +229,7 @@ static size_t model_add_buffers(Model* m, const ModelConfig* cfg, int B, int T, 
             if (!recompute) { buffers_add(d, &a.fch_gelu, (size_t)N * 4 * C); }
             continue;
         }
-        routing_add_buffers(&a.routing, d, N, E, cfg->top_k, (int)rows, C, first_moe);  // one backward set for all
+        routing_add_buffers(&a.routing, d, cfg, N, first_moe);  // one backward set for all
         if (!first_moe) { first_moe = &a.routing; }
         buffers_add(d, &a.expert_input, rows * C);
         buffers_add(d, &a.expert_fch, rows * H);

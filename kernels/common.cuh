@@ -155,7 +155,7 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(f
 // ----------------------------------------------------------------------------
 // reductions in a fixed order
 
-__device__ __forceinline__ float warp_reduce_sum(float v) {
+template <typename T> __device__ __forceinline__ T warp_reduce_sum(T v) {
     for (int offset = 16; offset > 0; offset >>= 1) { v += __shfl_xor_sync(0xffffffff, v, offset); }
     return v;
 }

@@ -15,15 +15,27 @@ The kernels:
   router_scores_kernel   one warp per token. E dot products of length C (lanes over channels,
                          warp sums), softmax and log-sum-exp, then k rounds of a warp arg-max for
                          the top-k and the combine weights.
-  route_select_kernel    a block per expert: which of its candidates it keeps, slot by slot (the
-                         capacity rule; by score, a radix select of the cut key in four 8-bit
-                         passes, ties in token order), then their rows within the expert, in
-                         token order. O(N k / 1024) per thread and pass.
-  route_rows_kernel      one block for the layer: the expert offsets, every row's token and
-                         weight, each token's rows (a scan over the tokens), the auxiliary losses.
-  Both order tokens the same way: tiles of 1024 consecutive tokens, one per thread, so that a
-  warp reads 32 neighbouring tokens' choices (a few cache lines, not 32), a block scan within
-  the tile and a running total across tiles (N / 1024 scans a pass).
+  route_keep_kernel      where something may be dropped (a capacity, expert choice), a block
+                         per expert: which of its candidates it keeps, slot by slot (by score, a
+                         radix select of the cut key in four 8-bit passes, ties in token order).
+                         Dropless token choice, the default, keeps every candidate and skips it.
+  The row layout, a counting sort of the kept candidates by expert that keeps token order, over
+  tiles of whole tokens with about ROUTE_TILE = 256 candidates each (N k / 256 tiles: 512 for
+  top-2 at N = 65536):
+  route_count_kernel     a block per tile: each expert's kept candidates and assignments in the
+                         tile (shared-memory counts), the sums of p and of the entropy over its
+                         tokens;
+  route_scan_kernel      a block per expert: its counts scanned over the tiles (its rows before
+                         each tile), its rows, assignments and sum of p;
+  route_offsets_kernel   one block: the expert offsets (a scan over the experts), each tile's
+                         first token row (a scan over the tiles), the losses;
+  route_place_kernel     a block per tile: each kept candidate's row, the candidates taken in
+                         order a warp at a time (__match_any_sync groups a warp's lanes by expert,
+                         the lanes before a candidate in its group count its rank), the row's
+                         token and weight; then each token's rows.
+  Their work is O(N k + N E) in all, spread over the tiles and the experts; the one block reads
+  E + 2 numbers per tile and the N log-sum-exps (the study's version 1 used E blocks that each
+  read all N k choices, one block that went through every token's rows, and one every p).
   router_backward_kernel one warp per token: dw -> dp -> dz, and dh += dz . Wr.
   router_weight_grad_*   dWr as partial sums over chunks of tokens, then the chunks in order.
 Every sum has a fixed order: two runs give the same bits.
@@ -38,21 +50,30 @@ Every sum has a fixed order: two runs give the same bits.
 #include "common.cuh"
 #include "../common/model_config.h"
 
-#define ROUTE_THREADS 1024      // the blocks of route_select_kernel and route_rows_kernel
+#define ROUTE_THREADS 1024      // the blocks of route_keep_kernel and route_offsets_kernel
+#define ROUTE_TILE 256          // a tile's candidates (about), and the blocks of the other layout kernels
+#define ROUTE_MAX_EXPERTS 1024  // the most experts a config allows (model_config.h), at most ROUTE_THREADS
 #define ROUTER_TOKEN_CHUNK 128  // tokens per partial sum of dWr
+
+// A token's candidates: k (token choice), or E (expert choice: every expert may take it)
+__host__ __device__ inline int route_per_token(bool expert_choice, int E, int k) { return expert_choice ? E : k; }
+// The layout's tiles: whole tokens, about ROUTE_TILE candidates (one token at least), so that no
+// tile has more tokens than route_place_kernel has threads
+__host__ __device__ inline int route_tile_tokens(int per_token) { return per_token < ROUTE_TILE ? ROUTE_TILE / per_token : 1; }
 
 // One MoE layer's routing of one micro-batch, on the device. Rows are the kept (token, expert)
 // pairs, expert by expert, in token order within an expert (doc/routing.md section 3).
 struct DeviceRouting {
-    int N, E, k, C, max_rows;  // the sizes the buffers hold
+    int N, E, k, C, max_rows;  // the sizes the buffers hold (k = 0 for expert choice)
+    bool expert_choice;        // the routing they are for
     int n;                     // tokens of the last forward
     // per token
     float* logits;             // (N, E) fp32
     float* probs;              // (N, E) softmax of the logits
     float* lse;                // (N) log-sum-exp of each token's logits
     int* choice_expert;        // (N*k) token choice: token t's j-th expert, by decreasing logit
-    float* choice_weight;      // (N*k) its combine weight
-    int* choice_row;           // (N*k) its row, or -1 where capacity dropped it
+    float* choice_weight;      // (N*k) token choice: its combine weight
+    int* choice_row;           // (N*k) token choice: its row, or -1 where capacity dropped it
     int* pair_row;             // (N*E) expert choice: the row of (token, expert), or -1
     // the rows
     int* tokens_per_expert;    // (E) kept rows of each expert
@@ -62,11 +83,19 @@ struct DeviceRouting {
     int* token_row_offsets;    // (N+1) each token's rows, in combine order
     int* token_rows;           // (max_rows)
     // this forward's counts and losses
-    int* assignments;          // (E) choices of each expert before dropping
+    int* assignments;          // (E) choices of each expert before dropping (expert choice: the tokens it takes)
     double* prob_sums;         // (E) sum over the tokens of p[t][e], for the balance loss
     int* counts;               // (2) assignments in all, dropped ones
     float* balance_loss;       // (1) E * sum_e f_e P_e
     float* z_loss;             // (1) mean_t lse_t^2
+    double* entropy;           // (1) sum over the tokens of the routing entropy -sum_e p log p
+    // the layout's scratch, per tile of route_tile_tokens tokens
+    int tiles;                 // tiles the buffers hold
+    int* tile_rows;            // (E, tiles) kept candidates of e in tile b; then e's rows before tile b
+    int* tile_assigned;        // (E, tiles) e's assignments in tile b
+    double* tile_prob_sums;    // (E, tiles) sum over tile b's tokens of p[t][e]
+    double* tile_entropy;      // (tiles) sum over tile b's tokens of -sum_e p log p
+    int* tile_row_start;       // (tiles) kept candidates in tile b; then the first of its tokens' rows
     // backward: scratch of one layer's backward, which a model's MoE layers share (backward_owner)
     float* drow_weight;        // (max_rows) dL/d row_weight, from unpermute_tokens_backward
     float* dlogits;            // (N, E)
@@ -149,15 +178,21 @@ __global__ void router_scores_kernel(float* logits, float* probs, float* lse, in
     }
 }
 
+// Inclusive prefix sum over the warp's lanes
+__device__ __forceinline__ int warp_inclusive_scan(int v) {
+    int lane = threadIdx.x % WARP_SIZE;
+    for (int offset = 1; offset < WARP_SIZE; offset <<= 1) {
+        int u = __shfl_up_sync(0xffffffff, v, offset);
+        if (lane >= offset) { v += u; }
+    }
+    return v;
+}
+
 // Exclusive prefix sum over the block of one int per thread; *total gets the sum. `shared`
 // holds 33 ints. Every thread must call it.
 __device__ int block_exclusive_scan(int v, int* shared, int* total) {
     int lane = threadIdx.x % WARP_SIZE, warp = threadIdx.x / WARP_SIZE, warps = blockDim.x / WARP_SIZE;
-    int inclusive = v;
-    for (int offset = 1; offset < WARP_SIZE; offset <<= 1) {
-        int u = __shfl_up_sync(0xffffffff, inclusive, offset);
-        if (lane >= offset) { inclusive += u; }
-    }
+    int inclusive = warp_inclusive_scan(v);
     __syncthreads();  // earlier users of `shared` are done
     if (lane == WARP_SIZE - 1) { shared[warp] = inclusive; }
     __syncthreads();
@@ -178,13 +213,12 @@ __device__ int block_exclusive_scan(int v, int* shared, int* total) {
 // Sum over the block in double, returned to every thread; `shared` holds 32 doubles.
 __device__ double block_reduce_sum_double(double v, double* shared) {
     int lane = threadIdx.x % WARP_SIZE, warp = threadIdx.x / WARP_SIZE, warps = blockDim.x / WARP_SIZE;
-    for (int offset = 16; offset > 0; offset >>= 1) { v += __shfl_xor_sync(0xffffffff, v, offset); }
+    v = warp_reduce_sum(v);
     __syncthreads();
     if (lane == 0) { shared[warp] = v; }
     __syncthreads();
     v = lane < warps ? shared[lane] : 0.0;
-    for (int offset = 16; offset > 0; offset >>= 1) { v += __shfl_xor_sync(0xffffffff, v, offset); }
-    return v;
+    return warp_reduce_sum(v);
 }
 
 // The layout's sizes. Token choice: N*k candidates i = t*k + j (token t's j-th choice); cap < 0
@@ -253,31 +287,32 @@ __device__ unsigned route_select_key(const DeviceRouting& r, const RouteLayoutAr
     return prefix;
 }
 
-// Step 1 of the layout, a block per expert e: which of e's candidates are kept, and the row of each
-// kept one among e's rows. Slot by slot (all first choices before any second choice), a slot's
+// The expert of candidate i
+__device__ __forceinline__ int route_expert(const DeviceRouting& r, const RouteLayoutArgs& a, int i) {
+    return a.expert_choice ? i % a.E : r.choice_expert[i];
+}
+
+// The capacity rule for expert e, by the whole block (route_keep_kernel runs a block per expert,
+// only with a capacity, for expert choice, or under the tests' teacher forcing: dropless token
+// choice keeps everything). Slot by slot (all first choices before any second choice), a slot's
 // candidates are all kept while they fit in what is left of the capacity; in the slot where it
 // runs out, the first ones by priority are kept: by order, the first in token order; by score
 // (and for expert choice), those above the cut key found by route_select_key, and of those equal
-// to it the first in token order. Later slots keep nothing. Then the kept candidates in token
-// order get e's rows 0, 1, ... Writes keep[i] = that row or -1 (choice_row for token choice,
-// pair_row for expert choice: the blocks write disjoint candidates), e's counts, and sum_t p[t][e].
-// Passes in token order go through tiles of blockDim.x consecutive tokens, a token per thread
-// (neighbouring threads read neighbouring tokens' choices), a block scan ordering each tile and a
-// running total carrying the tiles before it.
-__global__ void __launch_bounds__(ROUTE_THREADS) route_select_kernel(DeviceRouting r, RouteLayoutArgs a) {
-    __shared__ int scan_shared[WARP_SIZE + 1];
-    __shared__ double sum_shared[WARP_SIZE];
-    int e = blockIdx.x, N = a.N, threads = blockDim.x;
+// to it the first in token order. Later slots keep nothing. Writes keep[i] = 0 (kept) or -1
+// (choice_row for token choice, pair_row for expert choice: the blocks write disjoint
+// candidates). Passes in token order go through tiles of blockDim.x consecutive tokens, a token
+// per thread (neighbouring threads read neighbouring tokens' choices), a block scan ordering
+// each tile and a running count of the tiles before it.
+__device__ void route_keep_expert(const DeviceRouting& r, const RouteLayoutArgs& a, int e, int* scan_shared) {
+    int N = a.N, threads = blockDim.x;
     int slots = a.expert_choice ? 1 : a.k;
     int* keep = a.expert_choice ? r.pair_row : r.choice_row;
 
     int left = a.cap < 0 ? INT_MAX : a.cap;  // rows e may still take
-    int assigned = 0;
     for (int j = 0; j < slots; j++) {
         int mine = 0, count;
         for (int t = threadIdx.x; t < N; t += threads) { mine += route_candidate(r, a, t, j, e) >= 0; }
         block_exclusive_scan(mine, scan_shared, &count);
-        assigned += count;
         if (r.forced_keep) {  // the tests' teacher forcing
             for (int t = threadIdx.x; t < N; t += threads) {
                 int i = route_candidate(r, a, t, j, e);
@@ -304,93 +339,222 @@ __global__ void __launch_bounds__(ROUTE_THREADS) route_select_kernel(DeviceRouti
         }
         left = max(0, left - count);
     }
-    __syncthreads();  // this block's keep[] is written
+}
 
-    // e's rows, in token order; and P_e's sum (each thread's tokens, then a fixed tree over the threads)
-    int rows = 0;  // e's rows in the earlier tiles
-    double P = 0.0;
-    for (int base = 0; base < N; base += threads) {
-        int t = base + threadIdx.x, kept = 0, tile_rows;
-        if (t < N) {
-            for (int j = 0; j < slots; j++) {
-                int i = route_candidate(r, a, t, j, e);
-                kept += i >= 0 && keep[i] == 0;
-            }
-            P += r.probs[(size_t)t * a.E + e];
+__global__ void __launch_bounds__(ROUTE_THREADS) route_keep_kernel(DeviceRouting r, RouteLayoutArgs a) {
+    __shared__ int scan_shared[WARP_SIZE + 1];
+    route_keep_expert(r, a, blockIdx.x, scan_shared);
+}
+
+// The layout's tiles: route_tile_tokens whole tokens each, candidates i = first .. last - 1 of
+// the tile (i = t * per_token + j, so that a tile's candidates are consecutive and in token order)
+struct RouteTile {
+    int t0, t1, first, last;
+};
+__device__ __forceinline__ RouteTile route_tile(const RouteLayoutArgs& a, int b) {
+    int per_token = route_per_token(a.expert_choice, a.E, a.k), tokens = route_tile_tokens(per_token);
+    RouteTile tile;
+    tile.t0 = b * tokens;
+    tile.t1 = min(a.N, tile.t0 + tokens);
+    tile.first = tile.t0 * per_token;
+    tile.last = tile.t1 * per_token;
+    return tile;
+}
+
+// whether candidate i is kept: all are in dropless token choice (route_keep_kernel did not run)
+__device__ __forceinline__ bool route_kept(const DeviceRouting& r, const RouteLayoutArgs& a, const int* keep, int i) {
+    return (a.cap < 0 && !a.expert_choice && !r.forced_keep) || keep[i] >= 0;
+}
+
+// Layout, step 1, a block per tile b: for each expert e, its assignments in the tile (token
+// choice: its candidates, before dropping; expert choice: the tokens it takes) and its kept
+// candidates (tile_rows), by integer counts in shared memory (their order does not matter); the
+// tile's kept candidates in all (tile_row_start[b]); and over the tile's tokens the sums of
+// p[t][e] (tile_prob_sums, for the balance loss) and of the routing entropy -p log p
+// (tile_entropy, for the report), in a fixed order: groups of E threads take every groups-th
+// token (neighbouring threads read neighbouring experts' p), then the groups in order.
+__global__ void __launch_bounds__(ROUTE_TILE) route_count_kernel(DeviceRouting r, RouteLayoutArgs a) {
+    __shared__ int kept[ROUTE_MAX_EXPERTS], assigned[ROUTE_MAX_EXPERTS];
+    __shared__ double partial[ROUTE_TILE];
+    __shared__ int scan_shared[WARP_SIZE + 1];
+    __shared__ double sum_shared[WARP_SIZE];
+    int b = blockIdx.x, E = a.E;
+    RouteTile tile = route_tile(a, b);
+    const int* keep = a.expert_choice ? r.pair_row : r.choice_row;
+    for (int e = threadIdx.x; e < E; e += blockDim.x) { kept[e] = assigned[e] = 0; }
+    __syncthreads();
+    int mine = 0;  // this thread's kept candidates
+    for (int i = tile.first + threadIdx.x; i < tile.last; i += blockDim.x) {
+        int e = route_expert(r, a, i);
+        bool is_kept = route_kept(r, a, keep, i);
+        if (is_kept || !a.expert_choice) { atomicAdd(&assigned[e], 1); }  // expert choice: the tokens e takes
+        if (is_kept) {
+            atomicAdd(&kept[e], 1);
+            mine++;
         }
-        int row = rows + block_exclusive_scan(kept, scan_shared, &tile_rows);
-        if (t < N) {
-            for (int j = 0; j < slots; j++) {
-                int i = route_candidate(r, a, t, j, e);
-                if (i >= 0 && keep[i] == 0) { keep[i] = row++; }
-            }
-        }
-        rows += tile_rows;
     }
+    int tile_kept;
+    block_exclusive_scan(mine, scan_shared, &tile_kept);  // ends with a barrier: the counts are complete
+    for (int e = threadIdx.x; e < E; e += blockDim.x) {
+        r.tile_rows[(size_t)e * r.tiles + b] = kept[e];
+        r.tile_assigned[(size_t)e * r.tiles + b] = assigned[e];
+    }
+    if (threadIdx.x == 0) { r.tile_row_start[b] = tile_kept; }
+
+    // sum_t p[t][e] and -sum_t p log p: E > blockDim.x, a thread per expert (the loop over x);
+    // otherwise `groups` groups of E threads, each summing every groups-th token
+    int groups = E < (int)blockDim.x ? blockDim.x / E : 1;
+    double entropy = 0.0;
+    for (int x = threadIdx.x; x < groups * E; x += blockDim.x) {
+        int e = x % E, g = x / E;
+        double p_sum = 0.0;
+        for (int t = tile.t0 + g; t < tile.t1; t += groups) {
+            double p = r.probs[(size_t)t * E + e];
+            p_sum += p;
+            if (p > 0) { entropy -= p * log(p); }
+        }
+        if (groups == 1) {
+            r.tile_prob_sums[(size_t)e * r.tiles + b] = p_sum;
+        } else {
+            partial[x] = p_sum;
+        }
+    }
+    entropy = block_reduce_sum_double(entropy, sum_shared);  // ends with a barrier: partial is complete
+    if (groups > 1) {
+        for (int e = threadIdx.x; e < E; e += blockDim.x) {
+            double p_sum = 0.0;
+            for (int g = 0; g < groups; g++) { p_sum += partial[g * E + e]; }
+            r.tile_prob_sums[(size_t)e * r.tiles + b] = p_sum;
+        }
+    }
+    if (threadIdx.x == 0) { r.tile_entropy[b] = entropy; }
+}
+
+// Layout, step 2, a block per expert e: e's rows in the tiles before each tile (a scan over the
+// tiles, written over tile_rows), and e's rows, assignments and sum of p over all the tiles.
+__global__ void __launch_bounds__(ROUTE_TILE) route_scan_kernel(DeviceRouting r, int tiles) {
+    __shared__ int scan_shared[WARP_SIZE + 1];
+    __shared__ double sum_shared[WARP_SIZE];
+    int e = blockIdx.x;
+    int* rows_before = r.tile_rows + (size_t)e * r.tiles;
+    const int* tile_assigned = r.tile_assigned + (size_t)e * r.tiles;
+    const double* tile_prob_sums = r.tile_prob_sums + (size_t)e * r.tiles;
+    int rows = 0, assigned = 0;  // e's rows in the earlier chunks of tiles; this thread's assignments
+    double P = 0.0;
+    for (int base = 0; base < tiles; base += blockDim.x) {
+        int b = base + threadIdx.x, chunk;
+        int count = b < tiles ? rows_before[b] : 0;
+        int before = rows + block_exclusive_scan(count, scan_shared, &chunk);
+        if (b < tiles) {
+            rows_before[b] = before;
+            assigned += tile_assigned[b];
+            P += tile_prob_sums[b];
+        }
+        rows += chunk;
+    }
+    int all_assigned;
+    block_exclusive_scan(assigned, scan_shared, &all_assigned);
     P = block_reduce_sum_double(P, sum_shared);
     if (threadIdx.x == 0) {
         r.tokens_per_expert[e] = rows;
-        r.assignments[e] = assigned;
+        r.assignments[e] = all_assigned;
         r.prob_sums[e] = P;
     }
 }
 
-// Step 2 of the layout, one block: the expert offsets, each candidate's row (expert offset plus
-// its row within the expert), the rows' tokens and weights, each token's rows in combine order
-// (choice order, or expert order), and the auxiliary losses, every sum in a fixed order.
-__global__ void __launch_bounds__(ROUTE_THREADS) route_rows_kernel(DeviceRouting r, RouteLayoutArgs a) {
+// Layout, step 3, one block of ROUTE_THREADS >= E threads: the expert offsets (a scan over the
+// experts, a thread each), each tile's first row in token order (a scan over the tiles, written
+// over tile_row_start), the balance and z losses and the entropy, every sum in a fixed order.
+__global__ void __launch_bounds__(ROUTE_THREADS) route_offsets_kernel(DeviceRouting r, RouteLayoutArgs a, int tiles) {
     __shared__ int scan_shared[WARP_SIZE + 1];
     __shared__ double sum_shared[WARP_SIZE];
-    int N = a.N, E = a.E, threads = blockDim.x;
-    bool ec = a.expert_choice;
-    int per_token = ec ? E : a.k;  // candidates per token
-    int M = N * per_token;
-    int* keep = ec ? r.pair_row : r.choice_row;
-    if (threadIdx.x == 0) {
-        int offset = 0;
-        double balance = 0.0;
-        for (int e = 0; e < E; e++) {
-            r.expert_offsets[e] = offset;
-            offset += r.tokens_per_expert[e];
-            // the assignments fraction f_e of expert choice is cap / (E cap) = 1/E for every expert
-            balance += (double)r.assignments[e] / M * (r.prob_sums[e] / N);
-        }
-        r.expert_offsets[E] = offset;
-        r.counts[0] = M;
-        r.counts[1] = ec ? 0 : M - offset;
-        *r.balance_loss = (float)(E * balance);
-    }
-    __syncthreads();  // the offsets are visible to the block
+    int N = a.N, E = a.E, e = threadIdx.x, total;
+    int offset = block_exclusive_scan(e < E ? r.tokens_per_expert[e] : 0, scan_shared, &total);
+    if (e < E) { r.expert_offsets[e] = offset; }
+    int M = a.expert_choice ? total : N * a.k;  // assignments in all
+    // f_e P_e; the assignments fraction f_e of expert choice is cap / (E cap) = 1/E for every expert
+    double balance = e < E ? (double)r.assignments[e] / M * (r.prob_sums[e] / N) : 0.0;
+    balance = block_reduce_sum_double(balance, sum_shared);
 
-    // each token's rows, in token order: tiles of `threads` tokens, as in route_select_kernel
-    int total = 0;  // the rows of the tokens in the earlier tiles
-    for (int base = 0; base < N; base += threads) {
-        int t = base + threadIdx.x, count = 0, tile_rows;
-        if (t < N) {
-            for (int j = 0; j < per_token; j++) { count += keep[t * per_token + j] >= 0; }
+    int before = 0;  // the rows of the tokens of the earlier chunks of tiles
+    double entropy = 0.0;
+    for (int base = 0; base < tiles; base += blockDim.x) {
+        int b = base + threadIdx.x, chunk;
+        int at = before + block_exclusive_scan(b < tiles ? r.tile_row_start[b] : 0, scan_shared, &chunk);
+        if (b < tiles) {
+            r.tile_row_start[b] = at;
+            entropy += r.tile_entropy[b];
         }
-        int at = total + block_exclusive_scan(count, scan_shared, &tile_rows);
-        if (t < N) {
-            r.token_row_offsets[t] = at;
-            for (int j = 0; j < per_token; j++) {
-                int i = t * per_token + j;
-                if (keep[i] < 0) { continue; }
-                int e = ec ? j : r.choice_expert[i];
-                int row = r.expert_offsets[e] + keep[i];
-                keep[i] = row;
-                r.row_token[row] = t;
-                r.row_weight[row] = ec ? r.probs[(size_t)t * E + e] : r.choice_weight[i];
-                r.token_rows[at++] = row;
-            }
-        }
-        total += tile_rows;
+        before += chunk;
     }
-    if (threadIdx.x == 0) { r.token_row_offsets[N] = total; }
-
+    entropy = block_reduce_sum_double(entropy, sum_shared);
     double z2 = 0.0;
-    for (int t = threadIdx.x; t < N; t += threads) { z2 += (double)r.lse[t] * r.lse[t]; }
+    for (int t = threadIdx.x; t < N; t += blockDim.x) { z2 += (double)r.lse[t] * r.lse[t]; }
     z2 = block_reduce_sum_double(z2, sum_shared);
-    if (threadIdx.x == 0) { *r.z_loss = (float)(z2 / N); }
+    if (threadIdx.x == 0) {
+        r.expert_offsets[E] = total;
+        r.counts[0] = M;
+        r.counts[1] = M - total;
+        *r.balance_loss = (float)(E * balance);
+        r.token_row_offsets[N] = before;
+        *r.z_loss = (float)(z2 / N);
+        *r.entropy = entropy;
+    }
+}
+
+// Layout, step 4, a block per tile b: every kept candidate's row and each token's rows.
+//   - The candidates in order, 32 to a warp (one per lane): lanes of the same expert find each
+//     other (__match_any_sync, every warp at once); then the warps in turn: a candidate's row is
+//     its expert's next row (in shared memory: the expert's offset plus its rows in the earlier
+//     tiles, to begin with) plus the same expert's candidates in the lanes before it, and the
+//     group's last lane moves the expert's next row past the group. An expert's rows thus follow
+//     token order, and the candidate's keep[] entry becomes its row, with the row's token and
+//     combine weight.
+//   - Then a thread per token: its rows in candidate order (choice order, or expert order), at
+//     the tile's first row plus a scan of the tile's tokens' row counts.
+__global__ void __launch_bounds__(ROUTE_TILE) route_place_kernel(DeviceRouting r, RouteLayoutArgs a) {
+    __shared__ int next_row[ROUTE_MAX_EXPERTS];
+    __shared__ int scan_shared[WARP_SIZE + 1];
+    int b = blockIdx.x, E = a.E, lane = threadIdx.x % WARP_SIZE, warp = threadIdx.x / WARP_SIZE, warps = blockDim.x / WARP_SIZE;
+    int per_token = route_per_token(a.expert_choice, E, a.k);
+    RouteTile tile = route_tile(a, b);
+    int* keep = a.expert_choice ? r.pair_row : r.choice_row;
+    for (int e = threadIdx.x; e < E; e += blockDim.x) { next_row[e] = r.expert_offsets[e] + r.tile_rows[(size_t)e * r.tiles + b]; }
+    __syncthreads();
+    for (int base = tile.first; base < tile.last; base += blockDim.x) {
+        int i = base + threadIdx.x;
+        int e = i < tile.last && route_kept(r, a, keep, i) ? route_expert(r, a, i) : -1;
+        unsigned same = __match_any_sync(0xffffffff, e);  // the lanes of this warp holding the same expert
+        int before = __popc(same & ((1u << lane) - 1));   // of them, those before this lane
+        bool last = lane == 31 - __clz((int)same);        // this lane is the group's last
+        for (int w = 0; w < warps; w++) {  // the warps in turn: warp w's candidates follow warp w - 1's
+            if (warp == w) {
+                int row = e >= 0 ? next_row[e] + before : -1;
+                __syncwarp();  // every lane has read next_row before the groups' last lanes move it
+                if (e >= 0) {
+                    keep[i] = row;
+                    r.row_token[row] = i / per_token;
+                    r.row_weight[row] = a.expert_choice ? r.probs[i] : r.choice_weight[i];  // expert choice: i = t E + e
+                    if (last) { next_row[e] = row + 1; }
+                }
+            }
+            __syncthreads();
+        }
+    }
+
+    // each token's rows, in candidate order (keep[] holds the tile's rows now: the barrier above)
+    int t = tile.t0 + threadIdx.x, count = 0, tile_rows;  // tokens per tile <= ROUTE_TILE threads
+    if (t < tile.t1) {
+        for (int j = 0; j < per_token; j++) { count += keep[(size_t)t * per_token + j] >= 0; }
+    }
+    int at = r.tile_row_start[b] + block_exclusive_scan(count, scan_shared, &tile_rows);
+    if (t < tile.t1) {
+        r.token_row_offsets[t] = at;
+        for (int j = 0; j < per_token; j++) {
+            int row = keep[(size_t)t * per_token + j];
+            if (row >= 0) { r.token_rows[at++] = row; }
+        }
+    }
 }
 
 // One warp per token: the combine-weight gradients dw, dp (renorm or not), the balance term,
@@ -473,22 +637,15 @@ __global__ void router_weight_grad_sum_kernel(float* drouterw, const float* part
     drouterw[i] += acc;
 }
 
-// stats += this forward's assignments, counts, entropy sum and tokens (one block)
-__global__ void routing_stats_kernel(double* stats, const int* assignments, const int* counts, const float* probs, int N, int E) {
-    __shared__ double shared[WARP_SIZE];
-    double h = 0.0;
-    for (int t = threadIdx.x; t < N; t += blockDim.x) {
-        for (int e = 0; e < E; e++) {
-            double p = probs[(size_t)t * E + e];
-            if (p > 0) { h -= p * log(p); }
-        }
-    }
-    h = block_reduce_sum_double(h, shared);
-    if (threadIdx.x == 0) {
-        for (int e = 0; e < E; e++) { stats[e] += assignments[e]; }
+// stats += this forward's assignments, counts, entropy sum (route_offsets_kernel's) and tokens;
+// one block of at least E threads
+__global__ void routing_stats_kernel(double* stats, const int* assignments, const int* counts, const double* entropy, int N, int E) {
+    int e = threadIdx.x;
+    if (e < E) { stats[e] += assignments[e]; }
+    if (e == 0) {
         stats[E] += counts[0];
         stats[E + 1] += counts[1];
-        stats[E + 2] += h;
+        stats[E + 2] += *entropy;
         stats[E + 3] += N;
     }
 }
@@ -502,28 +659,36 @@ __global__ void routing_stats_kernel(double* stats, const int* assignments, cons
 static int router_warps_per_block(int E) { return E <= 256 ? 8 : 2; }
 static size_t router_shared_bytes(int E) { return (size_t)router_warps_per_block(E) * E * (sizeof(float) + sizeof(int)); }
 
-// Adds the routing's buffers to d, for up to N tokens, E experts, top-k (expert choice: k = 0 is
-// fine), max_rows rows, C channels; routing_ready once d is allocated. The backward's three
-// buffers live only from unpermute_tokens_backward to the end of router_backward, one layer at a
-// time: with backward_owner (an earlier layer's routing of the same sizes) r lists none of its own
-// but uses the owner's, so L MoE layers hold one set (at E=64, B=64, T=1024, C=768 a set is
-// 114 MiB, 96 of them dWr's partial sums). NULL: r owns its set.
-static void routing_add_buffers(DeviceRouting* r, DeviceBuffers* d, int N, int E, int k, int max_rows, int C,
-                                const DeviceRouting* backward_owner) {
+// Adds the routing's buffers to d, for up to N tokens of the config's routing (its experts, top-k
+// or expert choice, channels); routing_ready once d is allocated. The choices' arrays are the
+// mode's: N*k of each for token choice, N*E rows for expert choice. The backward's three buffers
+// live only from unpermute_tokens_backward to the end of router_backward, one layer at a time:
+// with backward_owner (an earlier layer's routing of the same sizes) r lists none of its own but
+// uses the owner's, so L MoE layers hold one set (at E=64, B=64, T=1024, C=768 a set is 114 MiB,
+// 96 of them dWr's partial sums). NULL: r owns its set.
+static void routing_add_buffers(DeviceRouting* r, DeviceBuffers* d, const ModelConfig* cfg, int N, const DeviceRouting* backward_owner) {
     memset(r, 0, sizeof(*r));
+    bool ec = cfg->router == ROUTER_EXPERT;
+    int E = cfg->num_experts, C = cfg->channels, max_rows = max_routing_rows(cfg, N);
+    if (E > ROUTE_MAX_EXPERTS) { die("routing_add_buffers: E=%d experts, the layout kernels take at most %d", E, ROUTE_MAX_EXPERTS); }
     r->N = N;
     r->E = E;
-    r->k = k;
+    r->k = ec ? 0 : cfg->top_k;
     r->C = C;
+    r->expert_choice = ec;
     r->max_rows = max_rows;
-    size_t NE = (size_t)N * E, Nk = (size_t)N * std::max(k, 1), rows = std::max(max_rows, 1);
+    r->tiles = ceil_div_int(N, route_tile_tokens(route_per_token(ec, E, r->k)));
+    size_t NE = (size_t)N * E, Nk = (size_t)N * r->k, rows = std::max(max_rows, 1), tiles_E = (size_t)r->tiles * E;
     buffers_add(d, &r->logits, NE);
     buffers_add(d, &r->probs, NE);
     buffers_add(d, &r->lse, N);
-    buffers_add(d, &r->choice_expert, Nk);
-    buffers_add(d, &r->choice_weight, Nk);
-    buffers_add(d, &r->choice_row, Nk);
-    buffers_add(d, &r->pair_row, NE);
+    if (ec) {
+        buffers_add(d, &r->pair_row, NE);
+    } else {
+        buffers_add(d, &r->choice_expert, Nk);
+        buffers_add(d, &r->choice_weight, Nk);
+        buffers_add(d, &r->choice_row, Nk);
+    }
     buffers_add(d, &r->tokens_per_expert, E);
     buffers_add(d, &r->expert_offsets, E + 1);
     buffers_add(d, &r->row_token, rows);
@@ -535,6 +700,12 @@ static void routing_add_buffers(DeviceRouting* r, DeviceBuffers* d, int N, int E
     buffers_add(d, &r->counts, 2);
     buffers_add(d, &r->balance_loss, 1);
     buffers_add(d, &r->z_loss, 1);
+    buffers_add(d, &r->entropy, 1);
+    buffers_add(d, &r->tile_rows, tiles_E);
+    buffers_add(d, &r->tile_assigned, tiles_E);
+    buffers_add(d, &r->tile_prob_sums, tiles_E);
+    buffers_add(d, &r->tile_entropy, r->tiles);
+    buffers_add(d, &r->tile_row_start, r->tiles);
     buffers_add(d, &r->stats, E + 4);
     r->backward_owner = backward_owner;
     if (backward_owner) {
@@ -565,13 +736,16 @@ static void routing_ready(DeviceRouting* r) {
 //   router_scores  the logits, softmax and log-sum-exp of every token and, for token choice, its
 //                  top-k and combine weights (router_scores_kernel);
 //   route_layout   the capacity rule, the expert-contiguous row layout, each token's rows and the
-//                  auxiliary losses (route_select_kernel, then route_rows_kernel).
+//                  auxiliary losses (route_keep_kernel where something may be dropped, then
+//                  route_count_kernel, route_scan_kernel, route_offsets_kernel and
+//                  route_place_kernel).
 static void router_scores(DeviceRouting* r, const floatX* h, const float* routerw, const ModelConfig* cfg, int n, int C, cudaStream_t stream) {
     int E = cfg->num_experts;
     bool ec = cfg->router == ROUTER_EXPERT;
     int k = ec ? 0 : cfg->top_k;
-    if (n > r->N || E != r->E || C != r->C || (!ec && k != r->k) || max_routing_rows(cfg, n) > r->max_rows) {
-        die("router_forward: %d tokens, E=%d, k=%d, C=%d do not fit the routing buffers (%d, %d, %d, %d)", n, E, k, C, r->N, r->E, r->k, r->C);
+    if (n > r->N || E != r->E || C != r->C || ec != r->expert_choice || k != r->k || max_routing_rows(cfg, n) > r->max_rows) {
+        die("router_forward: %d tokens, E=%d, k=%d, %s, C=%d do not fit the routing buffers (%d, %d, %d, %s, %d)", n, E, k,
+            ec ? "expert choice" : "token choice", C, r->N, r->E, r->k, r->expert_choice ? "expert choice" : "token choice", r->C);
     }
     r->n = n;
     int warps = router_warps_per_block(E);
@@ -586,9 +760,18 @@ static void route_layout(DeviceRouting* r, const ModelConfig* cfg, cudaStream_t 
     bool ec = cfg->router == ROUTER_EXPERT;
     int k = ec ? 0 : cfg->top_k;
     RouteLayoutArgs a = {n, E, k, ec ? expert_choice_capacity(cfg, n) : token_choice_capacity(cfg, n), cfg->capacity_priority, ec};
-    route_select_kernel<<<E, ROUTE_THREADS, 0, stream>>>(*r, a);
+    int tiles = ceil_div_int(n, route_tile_tokens(route_per_token(ec, E, k)));
+    if (a.cap >= 0 || r->forced_keep) {  // dropless token choice keeps every candidate
+        route_keep_kernel<<<E, ROUTE_THREADS, 0, stream>>>(*r, a);
+        cudaCheckLaunch();
+    }
+    route_count_kernel<<<tiles, ROUTE_TILE, 0, stream>>>(*r, a);
     cudaCheckLaunch();
-    route_rows_kernel<<<1, ROUTE_THREADS, 0, stream>>>(*r, a);
+    route_scan_kernel<<<E, ROUTE_TILE, 0, stream>>>(*r, tiles);
+    cudaCheckLaunch();
+    route_offsets_kernel<<<1, ROUTE_THREADS, 0, stream>>>(*r, a, tiles);
+    cudaCheckLaunch();
+    route_place_kernel<<<tiles, ROUTE_TILE, 0, stream>>>(*r, a);
     cudaCheckLaunch();
 }
 
@@ -617,7 +800,7 @@ static void router_backward(floatX* dh, float* drouterw, DeviceRouting* r, const
 
 // adds the last forward's counts and entropy to the report's sums (training batches only)
 static void routing_stats_accumulate(DeviceRouting* r, cudaStream_t stream) {
-    routing_stats_kernel<<<1, 1024, 0, stream>>>(r->stats, r->assignments, r->counts, r->probs, r->n, r->E);
+    routing_stats_kernel<<<1, ROUTE_THREADS, 0, stream>>>(r->stats, r->assignments, r->counts, r->entropy, r->n, r->E);
     cudaCheckLaunch();
 }
 

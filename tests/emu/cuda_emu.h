@@ -10,6 +10,8 @@ What is emulated, faithfully enough for the kernels' logic:
   - warp shuffles (__shfl_sync, __shfl_xor_sync, __shfl_up_sync, __shfl_down_sync) exchange
     values between the 32 lanes of a warp through a barrier; a lane that is not there (past the
     block's last thread, or returned) gives all one bits, NaN, where CUDA leaves it undefined;
+    __match_any_sync likewise (the lanes holding the same bits, of those taking part), and
+    __popc, __clz;
   - __shared__ memory is per block (function statics, since blocks run one at a time), filled
     with 0xFF bytes (NaN) at every block, static and dynamic alike, so reading it before writing
     shows up; launch limits (1024 threads, grid dimensions, and more than 48 KiB of dynamic
@@ -594,6 +596,17 @@ EMU_NOT_CHECKED static T shuffle(T v, int source_lane) {
     return out;
 }
 
+// the lanes of this thread's warp (of those taking part) whose value has the same bits as its own
+EMU_NOT_CHECKED static unsigned match_any(uint64_t bits) {
+    const uint64_t* slots = warp_exchange(&bits, 1);
+    size_t first = (size_t)me().warp * 32;
+    unsigned same = 0;
+    for (int lane = 0; lane < 32; lane++) {
+        if (took_part(first + lane) && slots[lane * EXCHANGE_WORDS] == bits) { same |= 1u << lane; }
+    }
+    return same;
+}
+
 // ----------------------------------------------------------------------------
 // inline PTX (kernels/mma.cuh): tests/emu/translate.py turns asm volatile("ptx" : outputs : inputs)
 // into ptx("ptx", {out(..), .., in(..), ..}), outputs by address and inputs by value
@@ -770,6 +783,14 @@ static inline void __syncthreads() { emu::block_barrier(); }
 static inline void __syncwarp(unsigned mask = 0xffffffffu) { emu::warp_barrier(); }
 template <typename T> static inline T __shfl_sync(unsigned mask, T v, int lane, int width = 32) { return emu::shuffle(v, lane % 32); }
 template <typename T> static inline T __shfl_xor_sync(unsigned mask, T v, int m, int width = 32) { return emu::shuffle(v, emu::me().lane ^ m); }
+template <typename T> static inline unsigned __match_any_sync(unsigned mask, T v) {
+    static_assert(sizeof(T) <= 8, "match of more than 8 bytes");
+    uint64_t bits = 0;
+    memcpy(&bits, &v, sizeof(T));
+    return emu::match_any(bits);
+}
+static inline int __popc(unsigned x) { return __builtin_popcount(x); }
+static inline int __clz(int x) { return x == 0 ? 32 : __builtin_clz((unsigned)x); }
 template <typename T> static inline T __shfl_up_sync(unsigned mask, T v, unsigned d, int width = 32) {
     int lane = emu::me().lane;
     return emu::shuffle(v, lane >= (int)d ? lane - (int)d : lane);
