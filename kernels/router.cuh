@@ -20,8 +20,8 @@ The kernels:
                          radix select of the cut key in four 8-bit passes, ties in token order).
                          Dropless token choice, the default, keeps every candidate and skips it.
   The row layout, a counting sort of the kept candidates by expert that keeps token order, over
-  tiles of whole tokens with about ROUTE_TILE = 256 candidates each (N k / 256 tiles: 512 for
-  top-2 at N = 65536):
+  tiles of whole tokens with about ROUTE_TILE = 256 candidates each, 8 tokens at least (N k / 256
+  tiles: 512 for top-2 at N = 65536):
   route_count_kernel     a block per tile: each expert's kept candidates and assignments in the
                          tile (shared-memory counts), the sums of p and of the entropy over its
                          tokens;
@@ -57,9 +57,14 @@ Every sum has a fixed order: two runs give the same bits.
 
 // A token's candidates: k (token choice), or E (expert choice: every expert may take it)
 __host__ __device__ inline int route_per_token(bool expert_choice, int E, int k) { return expert_choice ? E : k; }
-// The layout's tiles: whole tokens, about ROUTE_TILE candidates (one token at least), so that no
-// tile has more tokens than route_place_kernel has threads
-__host__ __device__ inline int route_tile_tokens(int per_token) { return per_token < ROUTE_TILE ? ROUTE_TILE / per_token : 1; }
+// The layout's tiles: whole tokens, about ROUTE_TILE candidates but 8 tokens at least, so that the
+// per-tile scratch (16 bytes per tile and expert) stays within half of p's N E floats when every
+// expert is a candidate (expert choice), and no tile has more tokens than route_place_kernel has
+// threads
+#define ROUTE_MIN_TILE_TOKENS 8
+__host__ __device__ inline int route_tile_tokens(int per_token) {
+    return per_token * ROUTE_MIN_TILE_TOKENS < ROUTE_TILE ? ROUTE_TILE / per_token : ROUTE_MIN_TILE_TOKENS;
+}
 
 // One MoE layer's routing of one micro-batch, on the device. Rows are the kept (token, expert)
 // pairs, expert by expert, in token order within an expert (doc/routing.md section 3).
