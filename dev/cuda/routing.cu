@@ -16,9 +16,10 @@ The engine's kernels, the study's subject being what the routing costs:
                      token's rows; one block sums the routing entropy over all N x E p;
                    version 2 (the engine's, kernels/router.cuh): route_keep_kernel only where
                      something may be dropped, then a counting sort over tiles of about 256
-                     candidates: counts per tile and expert, one block scanning them, a block
-                     per tile placing its candidates (a warp at a time, __match_any_sync for
-                     the ranks within a warp) and its tokens' rows;
+                     candidates: counts per tile and expert, a block per expert scanning its
+                     counts, one block for the offsets and losses, a block per tile placing its
+                     candidates (a warp at a time, __match_any_sync for the ranks within a
+                     warp) and its tokens' rows;
   permute_tokens   a warp per row gathers its token's h row;
   unpermute_tokens a warp per token sums its rows times their combine weights, in combine order;
   and in the backward unpermute_tokens_backward, permute_tokens_backward and router_backward.
@@ -29,7 +30,7 @@ GEMMs (kernels/expert_mlp.cuh), which are about two thirds of an MoE layer's FLO
 Checks per layout version and routing mode (dropless top-2, renormalised or not; a capacity
 with order and with score priority; expert choice; and, for version 2, 300 experts top-4 and
 expert choice among 300, for more experts than a tile block has threads and more candidates per
-token than a tile holds), on inputs whose logits have no near-ties, and on inputs made of a few distinct tokens
+token than a tile holds; and 8300 tokens top-32 of 64, for more tiles than a scan's pass takes), on inputs whose logits have no near-ties, and on inputs made of a few distinct tokens
 repeated, whose exact ties the capacity cuts through: the row layout (expert_offsets, the token
 of every row, each token's rows) equal to the twin's, the combine weights of the rows, the
 permuted rows (an exact copy), the un-permuted output, the assignments and dropped counts
@@ -435,6 +436,12 @@ int main(int argc, char** argv) {
             if (m.E <= 8) { validate_mode(version, m, 2500, 16, 300); }  // several tiles of each layout (the large E: already at 200)
             if (!quick) { validate_mode(version, m, 4096, 768); }
         }
+    }
+    if (only == 0 || only == 2) {
+        // more tiles than version 2's scans take in one pass (256 a pass in route_scan_kernel,
+        // 1024 in route_offsets_kernel): 8300 tokens of 32 candidates, 8 tokens a tile, 1038 tiles
+        const Mode many_tiles = {"top-32 of 64, dropless", 64, 32, 1, ROUTER_TOPK, 0.0f, PRIORITY_ORDER};
+        validate_mode(2, many_tiles, 8300, 16, 300);
     }
     if (!quick) {
         benchmark();
