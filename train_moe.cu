@@ -201,7 +201,7 @@ static size_t model_add_buffers(Model* m, const ModelConfig* cfg, int B, int T, 
     size_t parameter_bytes = d->bytes;
 
     int N = B * T, C = cfg->channels, NH = cfg->num_heads, Vp = cfg->padded_vocab_size;
-    int E = cfg->num_experts, H = cfg->expert_hidden;
+    int H = cfg->expert_hidden;
     size_t rows = cfg->num_experts > 1 ? (size_t)max_routing_rows(cfg, N) : 0;
     m->B = B;
     m->T = T;
