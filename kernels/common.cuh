@@ -165,15 +165,15 @@ __device__ __forceinline__ float warp_reduce_max(float v) {
     return v;
 }
 
-// Sum over the block, returned to every thread. `shared` holds at least 32 floats. The order of
-// the additions depends only on blockDim, so the result is the same on every run.
-__device__ __forceinline__ float block_reduce_sum(float v, float* shared) {
+// Sum over the block, returned to every thread. `shared` holds at least 32 values of v's type. The
+// order of the additions depends only on blockDim, so the result is the same on every run.
+template <typename T> __device__ __forceinline__ T block_reduce_sum(T v, T* shared) {
     int lane = threadIdx.x % WARP_SIZE, warp = threadIdx.x / WARP_SIZE, warps = blockDim.x / WARP_SIZE;
     v = warp_reduce_sum(v);
     __syncthreads();
     if (lane == 0) { shared[warp] = v; }
     __syncthreads();
-    v = lane < warps ? shared[lane] : 0.0f;
+    v = lane < warps ? shared[lane] : T(0);
     return warp_reduce_sum(v);
 }
 

@@ -215,17 +215,6 @@ __device__ int block_exclusive_scan(int v, int* shared, int* total) {
     return shared[warp] + inclusive - v;
 }
 
-// Sum over the block in double, returned to every thread; `shared` holds 32 doubles.
-__device__ double block_reduce_sum_double(double v, double* shared) {
-    int lane = threadIdx.x % WARP_SIZE, warp = threadIdx.x / WARP_SIZE, warps = blockDim.x / WARP_SIZE;
-    v = warp_reduce_sum(v);
-    __syncthreads();
-    if (lane == 0) { shared[warp] = v; }
-    __syncthreads();
-    v = lane < warps ? shared[lane] : 0.0;
-    return warp_reduce_sum(v);
-}
-
 // The layout's sizes. Token choice: N*k candidates i = t*k + j (token t's j-th choice); cap < 0
 // is dropless. Expert choice: N*E candidates i = t*E + e, and cap tokens per expert.
 struct RouteLayoutArgs {
@@ -398,8 +387,7 @@ __global__ void __launch_bounds__(ROUTE_TILE) route_count_kernel(DeviceRouting r
             mine++;
         }
     }
-    int tile_kept;
-    block_exclusive_scan(mine, scan_shared, &tile_kept);  // ends with a barrier: the counts are complete
+    int tile_kept = block_reduce_sum(mine, scan_shared);  // after its barriers the counts are complete
     for (int e = threadIdx.x; e < E; e += blockDim.x) {
         r.tile_rows[(size_t)e * r.tiles + b] = kept[e];
         r.tile_assigned[(size_t)e * r.tiles + b] = assigned[e];
@@ -424,7 +412,7 @@ __global__ void __launch_bounds__(ROUTE_TILE) route_count_kernel(DeviceRouting r
             partial[x] = p_sum;
         }
     }
-    entropy = block_reduce_sum_double(entropy, sum_shared);  // ends with a barrier: partial is complete
+    entropy = block_reduce_sum(entropy, sum_shared);  // after its barriers partial is complete
     if (groups > 1) {
         for (int e = threadIdx.x; e < E; e += blockDim.x) {
             double p_sum = 0.0;
@@ -457,9 +445,8 @@ __global__ void __launch_bounds__(ROUTE_TILE) route_scan_kernel(DeviceRouting r,
         }
         rows += chunk;
     }
-    int all_assigned;
-    block_exclusive_scan(assigned, scan_shared, &all_assigned);
-    P = block_reduce_sum_double(P, sum_shared);
+    int all_assigned = block_reduce_sum(assigned, scan_shared);
+    P = block_reduce_sum(P, sum_shared);
     if (threadIdx.x == 0) {
         r.tokens_per_expert[e] = rows;
         r.assignments[e] = all_assigned;
@@ -479,7 +466,7 @@ __global__ void __launch_bounds__(ROUTE_THREADS) route_offsets_kernel(DeviceRout
     int M = a.expert_choice ? total : N * a.k;  // assignments in all
     // f_e P_e; the assignments fraction f_e of expert choice is cap / (E cap) = 1/E for every expert
     double balance = e < E ? (double)r.assignments[e] / M * (r.prob_sums[e] / N) : 0.0;
-    balance = block_reduce_sum_double(balance, sum_shared);
+    balance = block_reduce_sum(balance, sum_shared);
 
     int before = 0;  // the rows of the tokens of the earlier chunks of tiles
     double entropy = 0.0;
@@ -492,10 +479,10 @@ __global__ void __launch_bounds__(ROUTE_THREADS) route_offsets_kernel(DeviceRout
         }
         before += chunk;
     }
-    entropy = block_reduce_sum_double(entropy, sum_shared);
+    entropy = block_reduce_sum(entropy, sum_shared);
     double z2 = 0.0;
     for (int t = threadIdx.x; t < N; t += blockDim.x) { z2 += (double)r.lse[t] * r.lse[t]; }
-    z2 = block_reduce_sum_double(z2, sum_shared);
+    z2 = block_reduce_sum(z2, sum_shared);
     if (threadIdx.x == 0) {
         r.expert_offsets[E] = total;
         r.counts[0] = M;

@@ -93,9 +93,8 @@ __global__ void __launch_bounds__(ROUTE_THREADS) route_select_v1_kernel(DeviceRo
         }
         rows += tile_rows;
     }
-    int all_candidates;
-    block_exclusive_scan(candidates, scan_shared, &all_candidates);
-    P = block_reduce_sum_double(P, sum_shared);
+    int all_candidates = block_reduce_sum(candidates, scan_shared);
+    P = block_reduce_sum(P, sum_shared);
     if (threadIdx.x == 0) {
         r.tokens_per_expert[e] = rows;
         r.assignments[e] = a.expert_choice ? rows : all_candidates;  // expert choice: the tokens e takes
@@ -150,7 +149,7 @@ __global__ void __launch_bounds__(ROUTE_THREADS) route_rows_v1_kernel(DeviceRout
     }
     double z2 = 0.0;
     for (int t = threadIdx.x; t < N; t += threads) { z2 += (double)r.lse[t] * r.lse[t]; }
-    z2 = block_reduce_sum_double(z2, sum_shared);
+    z2 = block_reduce_sum(z2, sum_shared);
     if (threadIdx.x == 0) {
         r.token_row_offsets[N] = total;
         *r.z_loss = (float)(z2 / N);
@@ -166,7 +165,7 @@ __global__ void __launch_bounds__(ROUTE_THREADS) route_entropy_v1_kernel(DeviceR
             if (p > 0) { h -= p * log(p); }
         }
     }
-    h = block_reduce_sum_double(h, shared);
+    h = block_reduce_sum(h, shared);
     if (threadIdx.x == 0) { *r.entropy = h; }
 }
 
