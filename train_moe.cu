@@ -612,11 +612,13 @@ int main(int argc, char** argv) {
     double peak = peak_flops(&prop);
 
     model.collect_stats = true;
+    run_catch_stop_signals();  // from here on, Ctrl-C or SIGTERM stops at the next step, with a checkpoint
     for (int step = run.start_step; step <= run.max_steps; step++) {
         if (run_checkpoint_due(&run, step)) {
             model_download(&model, run.params, host_m.data(), host_v.data());
             run_save_checkpoint(&run, step, run.params, host_m.data(), host_v.data(), P);
         }
+        if (run_stop_due(&run, step)) { break; }
         if (run_validation_due(&run, step)) {
             float val = validation_loss(&model, &run.val, run.args.val_steps);
             printf("step %d | val loss %.6f\n", step, val);
@@ -655,6 +657,6 @@ int main(int argc, char** argv) {
     model_free(&model);
     matmul_teardown();
     free(run.params);
-    return 0;
+    return run_exit_status();
 }
 #endif

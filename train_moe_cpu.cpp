@@ -1170,10 +1170,12 @@ int main(int argc, char** argv) {
 #endif
 
     model.collect_stats = true;
+    run_catch_stop_signals();  // from here on, Ctrl-C or SIGTERM stops at the next step, with a checkpoint
     for (int step = run.start_step; step <= run.max_steps; step++) {
         if (run_checkpoint_due(&run, step)) {
             run_save_checkpoint(&run, step, model.params_memory, model.m_memory, model.v_memory, model.num_params);
         }
+        if (run_stop_due(&run, step)) { break; }
         if (run_validation_due(&run, step)) {
             float val = validation_loss(&model, &run.val, run.args.val_steps);
             printf("step %d | val loss %.6f\n", step, val);
@@ -1203,6 +1205,6 @@ int main(int argc, char** argv) {
     }
     run_free(&run);
     model_free(&model);
-    return 0;
+    return run_exit_status();
 }
 #endif

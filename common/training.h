@@ -1,12 +1,14 @@
 /*
 The host side of a training run, shared by train_moe_cpu and train_moe: from the command line
-to the model, the data and the schedule (`run_init`); resuming (`run_resume`); the step line,
-the routing report and text sampling; and checkpoint files (`run_save_checkpoint`). Each
-engine keeps its own loop, which calls its own forward, backward and update between these.
+to the model, the data and the schedule (`run_init`); resuming (`run_start`); the step line,
+the routing report and text sampling; checkpoint files (`run_save_checkpoint`); and stopping
+cleanly on a signal (`run_catch_stop_signals`). Each engine keeps its own loop, which calls its
+own forward, backward and update between these.
 */
 #pragma once
 
 #include <cmath>
+#include <csignal>
 #include <string>
 #include <time.h>
 #include "args.h"
@@ -55,6 +57,8 @@ static inline double seconds_now() {
 // engines parse it first: -h and bad options need no GPU, and the GPU engine then checks for one
 // before anything is read or written).
 static inline void run_init(TrainingRun* run) {
+    // a line at a time, also into a file or a pipe (| tee): each step's line shows when it ends
+    setvbuf(stdout, NULL, _IOLBF, 0);
     TrainArgs& a = run->args;
     run->have_output = !a.output_dir.empty();
     if (a.resume && !run->have_output) { die("-y 1 resumes from the checkpoints in the output directory: give it with -o"); }
@@ -155,11 +159,70 @@ static inline void run_save_checkpoint(TrainingRun* run, int step, const float* 
     printf("wrote %s and %s\n", model_path.c_str(), state_path.c_str());
 }
 
-// what happens at the top of step `step` (before its update): checkpoint, validation, sample
+// ----------------------------------------------------------------------------
+// stopping cleanly: SIGINT (Ctrl-C) or SIGTERM (kill, a batch scheduler's time limit) asks the
+// run to stop at the top of the next step, after the step under way has finished and a
+// checkpoint has been written there (with -o), so that -y 1 continues the run bit-identically
+// (the same as if it had never stopped). A second signal stops at once, as without the handler;
+// the checkpoints already written are intact either way (each file is written whole, then
+// renamed). Until the training loop starts, a signal stops at once: nothing is lost yet.
+
+static volatile sig_atomic_t run_stop_signal = 0;  // the first signal received, 0 while none
+
+static void run_on_stop_signal(int sig) {
+    if (run_stop_signal != 0) {  // the second: the default action, which ends the process
+        signal(sig, SIG_DFL);
+        raise(sig);
+        return;
+    }
+    run_stop_signal = sig;
+    // only async-signal-safe calls in a handler: write(2), not printf
+    static const char msg[] = "\nstop requested: the run stops after this step, with a checkpoint if -o is given (again: stop now)\n";
+    ssize_t written = write(STDERR_FILENO, msg, sizeof(msg) - 1);
+    (void)written;
+}
+
+static inline void run_catch_stop_signals() {
+    struct sigaction action;
+    memset(&action, 0, sizeof(action));
+    action.sa_handler = run_on_stop_signal;
+    sigemptyset(&action.sa_mask);
+    action.sa_flags = SA_RESTART;  // a read or write the signal interrupts goes on
+    sigaction(SIGINT, &action, NULL);
+    sigaction(SIGTERM, &action, NULL);
+}
+
+// What happens at the top of step `step` (before its update): checkpoint, then stop if a
+// signal asked for it, else validation and sample.
 static inline bool run_checkpoint_due(const TrainingRun* run, int step) {
     bool last = step == run->max_steps;
-    return run->have_output && step > run->start_step && ((run->args.checkpoint_every > 0 && step % run->args.checkpoint_every == 0) || last);
+    bool every = run->args.checkpoint_every > 0 && step % run->args.checkpoint_every == 0;
+    return run->have_output && step > run->start_step && (every || last || run_stop_signal != 0);
 }
+
+// true when a signal asked the run to stop (its checkpoint is written by then): says where it
+// stopped and how to go on
+static inline bool run_stop_due(const TrainingRun* run, int step) {
+    if (run_stop_signal == 0) { return false; }
+    const char* name = run_stop_signal == SIGINT ? "SIGINT" : "SIGTERM";
+    fflush(stdout);
+    if (run_checkpoint_due(run, step)) {
+        fprintf(stderr, "stopped by %s at step %d of %d: the same command with -y 1 continues from %s\n", name, step,
+                run->max_steps, checkpoint_path(run->args.output_dir, "model", step).c_str());
+    } else if (!run->have_output) {
+        fprintf(stderr, "stopped by %s at step %d of %d: no -o, so nothing was saved\n", name, step, run->max_steps);
+    } else {
+        fprintf(stderr, "stopped by %s at step %d of %d, before any step of this run: nothing new to save\n", name, step,
+                run->max_steps);
+    }
+    return true;
+}
+
+// the process's exit status: 0, or 128 + the signal's number after a stop (130 for SIGINT, 143
+// for SIGTERM, what a shell reports for a process the signal ended), so that a script tells an
+// interrupted run from a finished one
+static inline int run_exit_status() { return run_stop_signal == 0 ? 0 : 128 + run_stop_signal; }
+
 static inline bool run_validation_due(const TrainingRun* run, int step) {
     return run->have_val && ((run->args.val_every > 0 && step % run->args.val_every == 0) || step == run->max_steps);
 }

@@ -7,7 +7,7 @@
 #   2. the CPU twin against PyTorch autograd, config by config (test_moe_cpu reference)
 #   3. exact invariants (test_moe_cpu invariants)
 #   4. whole runs: the same seed is bit-identical (also across thread counts), resume is
-#      bit-identical, checkpoints round-trip through the reference
+#      bit-identical, also after a stop by a signal, checkpoints round-trip through the reference
 #   5. bad input: one clear error line, exit 1, no crash, nothing half-written
 #   6. the CUDA targets (tests/gpu_tests.sh): built with nvcc; run only where a GPU is
 #   7. the GPU engine's kernels on the CPU through a CUDA emulation (tests/emu/run.sh): test_moe
@@ -180,6 +180,14 @@ if cmp -s "$TMP/run_full/model_00000008.bin" "$TMP/run_resumed/model_00000008.bi
 else
     fail resume_is_bit_identical "resumed run differs (or failed: $(tail -n 2 "$TMP/run_resumed.out" | tr '\n' ' '))"
 fi
+
+# SIGTERM stops a run at the next step with a checkpoint there, which -y 1 continues
+# bit-identically; a second signal stops at once (tests/stop_run.sh). A model wide enough for
+# steps of about 0.1 s, so that the signal lands before the run ends.
+$REF make-dense --model 4:128:4:64 --vocab 100 --seed 7 --jitter 0.05 -o "$TMP/dense_c128.bin" > "$TMP/make_c128.out" 2>&1
+# shellcheck disable=SC2086
+run_checks stop tests/stop_run.sh train_moe_cpu "$TMP/stop" 20 double -- ./train_moe_cpu -m "$TMP/dense_c128.bin" -i "$SHARD" \
+    -j "$SHARD" -b 8 -t 64 -s 0 -v 0 --stats-every 0 $MOE
 
 # -e 1 writes llm.c's model file; the engine's MoE checkpoint is read by the reference
 # shellcheck disable=SC2086

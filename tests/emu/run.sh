@@ -15,6 +15,7 @@
 # its check (tests/emu/sanitize.cu checks that each kind is caught). The reverse-order runs use
 # plain builds, about twice as fast; the memory accesses are the same in both orders.
 # EMU_SANITIZE=0 skips the sanitized builds (both orders plain: faster, for a quick look).
+# train_moe's own loop, at the test model's size, stopped by SIGTERM and resumed (tests/stop_run.sh).
 # Then train_moe itself, sampled (EMU_SAMPLE=1: a launch of more than 64 blocks runs only its
 # last block, see tests/emu/cuda_emu.h), trains one step at full width and length (T=1024, B up
 # to 64, GPT-2 small and XL widths, several routers): "emu.scale" checks that every launch keeps
@@ -356,6 +357,16 @@ if [ -x "$bin" ]; then
         fi
     ) &
 fi
+# train_moe's own loop stopped by signals (tests/stop_run.sh): SIGTERM, then -y 1 to the end,
+# byte-identical to the run never stopped; a second SIGINT stops at once. An emulated step
+# takes about a second, time enough for the signals.
+if [ -x "$bin" ]; then
+    throttle
+    # shellcheck disable=SC2086
+    EMU_ORDER=forward OMP_NUM_THREADS=1 bash tests/stop_run.sh emu.train_moe.BF16 "$OUT/stop" 5 double -- "$bin" \
+        -m "$STATES/dense.bin" -i "$STATES/shard.bin" -j "$STATES/shard.bin" $GEOMETRY -s 0 -v 0 --val-steps 1 --stats-every 0 \
+        -e 8 -k 2 --z-loss 0.001 > "$OUT/stop.out" 2>&1 &
+fi
 wait
 
 races_found
@@ -397,4 +408,8 @@ while IFS='|' read -r name precisions options environment; do
     done
 done <<< "$SCALE_CONFIGS"
 [ -x "$(binary train_moe BF16 forward)" ] && scale_oom_report
+if [ -x "$(binary train_moe BF16 forward)" ]; then
+    grep -E '^(PASS|FAIL) ' "$OUT/stop.out"
+    grep -q -E '^(PASS|FAIL) ' "$OUT/stop.out" || echo "FAIL emu.train_moe.BF16.stop_and_resume: tests/stop_run.sh said nothing: $(tail -n 2 "$OUT/stop.out" | tr '\n' ' ')"
+fi
 exit 0

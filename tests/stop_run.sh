@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# tests/stop_run.sh NAME DIR STEPS [double] -- TRAIN COMMAND...
+#
+# A training run stopped by a signal loses nothing (common/training.h, run_catch_stop_signals):
+#   1. straight: TRAIN -x STEPS -o DIR/straight, the run to compare with;
+#   2. stopped: the same into DIR/stopped, sent SIGTERM once its main.log has step 2: it must
+#      finish the step under way, write that step's checkpoint, say where it stopped and how to go
+#      on, and exit with status 143 (128 + SIGTERM); the same command with -y 1 then continues to
+#      STEPS, and its model, optimizer state and main.log must equal the straight run's, byte for
+#      byte (no step lost or logged twice);
+#   3. with "double": a run sent SIGINT once its main.log has step 1, then SIGINT again once it
+#      has said that it will stop: the second stops it at once (killed by SIGINT, no checkpoint).
+# TRAIN's steps must take long enough for the signal to arrive before the run ends (a tenth of
+# a second or more). Prints one PASS or FAIL line per part, named NAME.stop_*.
+set -u
+name=$1 dir=$2 steps=$3
+shift 3
+double=0
+if [ "${1:-}" = double ]; then double=1; shift; fi
+[ "${1:-}" = -- ] && shift
+rm -rf "$dir"
+mkdir -p "$dir"
+
+# wait_for PATTERN FILE PID: until FILE has a line matching PATTERN, or PID has ended (10 min at most)
+wait_for() {
+    local i
+    for ((i = 0; i < 12000; i++)); do
+        grep -q -E "$1" "$2" 2>/dev/null && return 0
+        kill -0 "$3" 2>/dev/null || return 1
+        sleep 0.05
+    done
+    return 1
+}
+last_lines() { tail -n 2 "$1" | tr '\n' ' ' | cut -c1-300; }
+listing() { (cd "$1" && echo *); }
+step_file() { printf '%s/%s_%08d%s' "$1" "$2" "$3" "$4"; }
+
+"$@" -x "$steps" -o "$dir/straight" > "$dir/straight.out" 2>&1
+rc=$?
+if [ "$rc" -ne 0 ] || [ ! -f "$(step_file "$dir/straight" model "$steps" .bin)" ]; then
+    echo "FAIL $name.stop_and_resume: the straight run failed (exit status $rc): $(last_lines "$dir/straight.out")"
+else
+    "$@" -x "$steps" -o "$dir/stopped" > "$dir/stopped.out" 2>&1 &
+    pid=$!
+    wait_for '^s:2 trl' "$dir/stopped/main.log" "$pid" && kill -TERM "$pid"
+    wait "$pid"
+    rc=$?
+    stopped_at=$(grep -m 1 -o -E "^stopped by SIGTERM at step [0-9]+ of $steps" "$dir/stopped.out" | grep -o -E 'step [0-9]+' | grep -o -E '[0-9]+')
+    markers=("$dir/stopped"/DONE_*)
+    if [ "$rc" -ne 143 ] || [ -z "$stopped_at" ]; then
+        echo "FAIL $name.stop_and_resume: SIGTERM after step 2: exit status $rc (expected 143), ${stopped_at:+stopped at step $stopped_at}${stopped_at:-no line that says where it stopped}: $(last_lines "$dir/stopped.out")"
+    elif [ ! -f "$(step_file "$dir/stopped" DONE "$stopped_at" "")" ] || [ "${#markers[@]}" -ne 1 ] || ls "$dir/stopped"/*.tmp > /dev/null 2>&1; then
+        echo "FAIL $name.stop_and_resume: stopped at step $stopped_at, expected that step's complete checkpoint and nothing else: $(listing "$dir/stopped")"
+    else
+        "$@" -x "$steps" -o "$dir/stopped" -y 1 > "$dir/resumed.out" 2>&1
+        rc=$?
+        differ=""
+        for file in "$(basename "$(step_file . model "$steps" .bin)")" "$(basename "$(step_file . state "$steps" .bin)")" main.log; do
+            cmp -s "$dir/straight/$file" "$dir/stopped/$file" || differ="$differ $file"
+        done
+        if [ "$rc" -eq 0 ] && [ -z "$differ" ]; then
+            echo "PASS $name.stop_and_resume: SIGTERM during step $((stopped_at)) of $steps: that step finished, its checkpoint written, exit status 143; -y 1 went on to step $steps: model, optimizer state and main.log byte-identical to the run never stopped"
+        else
+            echo "FAIL $name.stop_and_resume: resumed at step $stopped_at: exit status $rc, different from the straight run:${differ:- nothing}: $(last_lines "$dir/resumed.out")"
+        fi
+    fi
+fi
+
+if [ "$double" = 1 ]; then
+    "$@" -x "$steps" -o "$dir/double" > "$dir/double.out" 2>&1 &
+    pid=$!
+    wait_for '^s:1 trl' "$dir/double/main.log" "$pid" && kill -INT "$pid" &&
+        wait_for '^stop requested' "$dir/double.out" "$pid" && kill -INT "$pid"
+    wait "$pid"
+    rc=$?
+    if [ "$rc" -eq 130 ] && ! grep -q '^stopped by' "$dir/double.out" && ! ls "$dir/double"/DONE_* > /dev/null 2>&1; then
+        echo "PASS $name.stop_twice: a second SIGINT while the step under way finishes stops the run at once: killed by SIGINT, no checkpoint"
+    else
+        echo "FAIL $name.stop_twice: exit status $rc (expected 130, killed by SIGINT) with $(listing "$dir/double"): $(last_lines "$dir/double.out")"
+    fi
+fi
