@@ -649,7 +649,7 @@ int main(int argc, char** argv) {
             printf("peak memory %.2f GiB of %.2f GiB\n", (total_bytes - free_bytes) / 1073741824.0, total_bytes / 1073741824.0);
         }
         if (run_routing_report_due(&run, step + 1)) {
-            printf("routing, steps %d..%d:\n", step + 2 - run.args.stats_every, step + 1);
+            run_routing_report_header(&run, step + 1);
             report_routing(&model, &run, step + 1);
         }
     }

@@ -1199,7 +1199,7 @@ int main(int argc, char** argv) {
         float norm = model_update(&model, lr, &run.optimizer, run.adam_step_offset + step + 1);
         run_print_step(&run, step + 1, loss, aux, zl, norm, lr, seconds_now() - t0, 0.0);
         if (run_routing_report_due(&run, step + 1)) {
-            printf("routing, steps %d..%d:\n", step + 2 - run.args.stats_every, step + 1);
+            run_routing_report_header(&run, step + 1);
             report_routing(&model, &run, step + 1);
         }
     }

@@ -45,6 +45,7 @@ struct TrainingRun {
     uint64_t sampler_counter;   // the sampler's RNG position (resume state)
     int adam_step_offset;       // AdamW's step is adam_step_offset + step + 1
     double flops_per_token;     // 6 N_active + 6 L C T, llm.c's estimate with active parameters
+    int report_from;            // the first step the next routing report covers
 };
 
 static inline double seconds_now() {
@@ -99,7 +100,7 @@ static inline void run_init(TrainingRun* run) {
         dataloader_init(&run->val, a.val_data.c_str(), run->B, run->T, cfg.vocab_size);
     }
     tokenizer_init(&run->tokenizer, a.tokenizer.c_str());
-    logger_init(&run->logger, NULL, false);  // closed until run_start
+    logger_init(&run->logger, NULL, 0);  // closed until run_start
     if (!run->have_output) { printf("no -o: no log and no checkpoints will be written\n"); }
 
     run->max_steps = a.max_steps;
@@ -134,7 +135,8 @@ static inline void run_start(TrainingRun* run, float* m, float* v, size_t num_pa
     } else if (!run->args.init_optimizer.empty()) {
         run->adam_step_offset = upcycle_optimizer_state(&run->args, &run->config, m, v);
     }
-    logger_init(&run->logger, run->have_output ? run->args.output_dir.c_str() : NULL, run->resuming);
+    logger_init(&run->logger, run->have_output ? run->args.output_dir.c_str() : NULL, run->start_step);
+    run->report_from = run->start_step + 1;
 }
 
 // the model file, the resume state, then the DONE marker (train_state.h); host buffers
@@ -255,9 +257,7 @@ static inline void run_print_step(TrainingRun* run, int step, double loss, doubl
     if (peak_flops > 0) { printf(" | MFU %.1f%%", 100.0 * flops / peak_flops); }
     printf("\n");
     logger_train(&run->logger, step, (float)loss, lr, norm);
-    if (run->config.num_experts > 1 && run->logger.moe_log) {
-        fprintf(run->logger.moe_log, "s:%d aux:%.6f z:%.6f\n", step, aux, zl);
-    }
+    if (run->config.num_experts > 1) { logger_moe_losses(&run->logger, step, aux, zl); }
     // A loss or gradient norm that is not finite has already gone into this step's update: stop
     // before the next checkpoint would save the broken parameters (those written are intact).
     if (!std::isfinite(loss) || !std::isfinite(norm)) {
@@ -269,6 +269,13 @@ static inline void run_print_step(TrainingRun* run, int step, double loss, doubl
 
 static inline bool run_routing_report_due(const TrainingRun* run, int steps_done) {
     return run->config.num_experts > 1 && run->args.stats_every > 0 && steps_done % run->args.stats_every == 0;
+}
+
+// the line above a routing report: the steps it covers, since the last report or the start (a
+// resumed run's first report covers only the steps since the resume)
+static inline void run_routing_report_header(TrainingRun* run, int steps_done) {
+    printf("routing, steps %d..%d:\n", run->report_from, steps_done);
+    run->report_from = steps_done + 1;
 }
 
 // One MoE layer's routing statistics since the last report: printed and logged.
@@ -285,10 +292,7 @@ static inline void run_report_layer(TrainingRun* run, int step, int layer, const
     double dropped_pct = 100.0 * dropped / total_assignments, entropy = entropy_sum / tokens;
     printf("  layer %2d | load %% %s | dropped %.2f%% | entropy %.3f nats (max %.3f)\n", layer, load.c_str(), dropped_pct, entropy,
            log((double)E));
-    if (run->logger.moe_log) {
-        fprintf(run->logger.moe_log, "s:%d layer:%d load:%s dropped:%.4f entropy:%.4f\n", step, layer, load.c_str(), dropped_pct, entropy);
-        fflush(run->logger.moe_log);
-    }
+    logger_moe_layer(&run->logger, step, layer, load.c_str(), dropped_pct, entropy);
 }
 
 static inline void run_free(TrainingRun* run) {

@@ -164,19 +164,25 @@ else
     fail another_seed_gives_another_model "a different seed gave the same model (or the run failed)"
 fi
 
-# resume: stop at step 4, continue to 8, compare with the straight run
+# resume: stop at step 4, continue to 8, compare with the straight run. The logs are the straight
+# run's to step 8, as a run that crashed after step 8 leaves them next to the checkpoint of step 4:
+# the resumed run drops the lines after step 4 and the validation of step 4, which it does again.
 # shellcheck disable=SC2086
 $TRAIN $MOE -x 8 -n 4 -o "$TMP/run_full" > "$TMP/run_full.out" 2>&1
 mkdir -p "$TMP/run_resumed"
-cp "$TMP/run_full/model_00000004.bin" "$TMP/run_full/state_00000004.bin" "$TMP/run_full/DONE_00000004" "$TMP/run_resumed/" 2>/dev/null
+for file in model_00000004.bin state_00000004.bin DONE_00000004 main.log moe.log; do
+    cp "$TMP/run_full/$file" "$TMP/run_resumed/" 2>/dev/null
+done
 # shellcheck disable=SC2086
 $TRAIN $MOE -x 8 -n 4 -y 1 -o "$TMP/run_resumed" > "$TMP/run_resumed.out" 2>&1
 grep -E '^step +[5-8]/' "$TMP/run_full.out" | sed 's/| [0-9.]* ms.*//' > "$TMP/full_steps"
 grep -E '^step +[5-8]/' "$TMP/run_resumed.out" | sed 's/| [0-9.]* ms.*//' > "$TMP/resumed_steps"
 if cmp -s "$TMP/run_full/model_00000008.bin" "$TMP/run_resumed/model_00000008.bin" &&
    cmp -s "$TMP/run_full/state_00000008.bin" "$TMP/run_resumed/state_00000008.bin" &&
+   cmp -s "$TMP/run_full/main.log" "$TMP/run_resumed/main.log" && cmp -s "$TMP/run_full/moe.log" "$TMP/run_resumed/moe.log" &&
+   grep -q '^s:8 tel' "$TMP/run_full/main.log" && grep -q '^s:8 layer' "$TMP/run_full/moe.log" &&
    [ -s "$TMP/full_steps" ] && cmp -s "$TMP/full_steps" "$TMP/resumed_steps"; then
-    pass resume_is_bit_identical "resumed at step 4: model, optimizer state and the printed losses of steps 5-8 identical"
+    pass resume_is_bit_identical "resumed at step 4 next to the logs of a run that went on to step 8: model, optimizer state, the printed losses of steps 5-8, main.log and moe.log identical"
 else
     fail resume_is_bit_identical "resumed run differs (or failed: $(tail -n 2 "$TMP/run_resumed.out" | tr '\n' ' '))"
 fi
