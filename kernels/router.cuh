@@ -12,9 +12,11 @@ permutation and the experts need is decided on the device: the host never waits 
   routing_stats_*   the per-layer report: expert shares, dropped fraction, routing entropy.
 
 The kernels:
-  router_scores_kernel   one warp per token. E dot products of length C (lanes over channels,
-                         warp sums), softmax and log-sum-exp, then k rounds of a warp arg-max for
-                         the top-k and the combine weights.
+  router_gemm_kernel     the router's three products (the logits h . Wr^T, dh += dz . Wr, and dWr
+                         as partial sums of dz^T h over chunks of tokens), tiled in fp32 on the CUDA
+                         cores: Wr and h cross L2 once per tile, not once per token.
+  router_scores_kernel   one warp per token: softmax and log-sum-exp of its logits, then k rounds
+                         of a warp arg-max for the top-k and the combine weights.
   route_keep_kernel      where something may be dropped (a capacity, expert choice), a block
                          per expert: which of its candidates it keeps, slot by slot (by score, a
                          radix select of the cut key in four 8-bit passes, ties in token order).
@@ -36,8 +38,9 @@ The kernels:
   Their work is O(N k + N E) in all, spread over the tiles and the experts; the one block reads
   E + 2 numbers per tile and the N log-sum-exps (the study's version 1 used E blocks that each
   read all N k choices, one block that went through every token's rows, and one every p).
-  router_backward_kernel one warp per token: dw -> dp -> dz, and dh += dz . Wr.
-  router_weight_grad_*   dWr as partial sums over chunks of tokens, then the chunks in order.
+  router_backward_kernel one warp per token: dw -> dp -> dz; then router_gemm_kernel for
+                         dh += dz . Wr and dWr's partial sums, router_weight_grad_sum_kernel for
+                         the chunks in order.
 Every sum has a fixed order: two runs give the same bits.
 */
 #pragma once
@@ -117,6 +120,130 @@ struct DeviceRouting {
 // ----------------------------------------------------------------------------
 // CUDA kernels
 
+// The router's three products, tiled on the CUDA cores in fp32 (the router is fp32; with at
+// most E = 1024 columns its products are 2 N E C FLOPs, 6.4 GFLOP at N = 65536, E = 64, C = 768,
+// small beside the experts'):
+//   logits   Z (n, E)   = H (n, C) . Wr (E, C)^T                       router_logits
+//   dh       dH (n, C) += dZ (n, E) . Wr (E, C)                        router_backward
+//   dWr      partial[chunk] (E, C) = dZ^T . H over the chunk's 128 tokens, then the chunks summed
+//            in chunk order (router_weight_grad_sum_kernel)             router_backward
+// One kernel for the three: out (M, N) = sum over k of A(m, k) B(k, n), where A(m, k) is
+// A[m a_m + k a_k] and B(k, n) is B[k b_k + n b_n] (one of each pair of strides is 1). A block
+// computes a TM x TN tile (TM TN = 4096, a 4 x 4 square of outputs per thread), taking k in
+// slices of ROUTER_GEMM_K through shared memory; the narrow side (the experts of the logits, of
+// dWr) gets a tile of 8 to 64, so that few threads idle where E is small. gridDim.x holds the
+// M tiles of each batch, batch after batch: the batches are dWr's chunks, each its own range of
+// k and its own output (out + batch o_batch). Each output is one thread's sum over k in
+// increasing order, one fused multiply-add at a time: the same bits whatever the tile, and for
+// dh and dWr the same as the warp-per-token kernels these replaced (which read all of Wr once
+// per token: 12.9 GB of L1 and L2 traffic at the shape above, where these read it once per tile
+// of tokens).
+#define ROUTER_GEMM_THREADS 256
+#define ROUTER_GEMM_K 16
+
+template <int TM, int TN, typename TA, typename TB, typename TO, bool ACCUMULATE>
+__global__ void __launch_bounds__(ROUTER_GEMM_THREADS)
+router_gemm_kernel(TO* out, int ldo, size_t o_batch, const TA* A, size_t a_m, size_t a_k, const TB* B, size_t b_k, size_t b_n, int M, int N,
+                   int K, int k_per_batch, int m_tiles) {
+    static_assert(TM * TN == 16 * ROUTER_GEMM_THREADS, "a 4 x 4 square of outputs per thread");
+    // the slices, k-major (a thread's 4 rows, and 4 columns, side by side), a column of padding
+    // against bank conflicts where neighbouring threads store neighbouring k
+    __shared__ float As[ROUTER_GEMM_K][TM + 1];
+    __shared__ float Bs[ROUTER_GEMM_K][TN + 1];
+    int m_tile = blockIdx.x % m_tiles, batch = blockIdx.x / m_tiles;
+    int m0 = m_tile * TM, n0 = blockIdx.y * TN;
+    int k_begin = batch * k_per_batch, k_end = min(K, k_begin + k_per_batch);
+    int tx = threadIdx.x % (TN / 4), ty = threadIdx.x / (TN / 4);  // this thread's outputs: rows 4 ty.., columns 4 tx..
+    float acc[4][4] = {};
+    for (int k0 = k_begin; k0 < k_end; k0 += ROUTER_GEMM_K) {
+        // the slices, zero outside the matrices; neighbouring threads read along the contiguous side
+        for (int i = threadIdx.x; i < TM * ROUTER_GEMM_K; i += ROUTER_GEMM_THREADS) {
+            int m = a_k == 1 ? i / ROUTER_GEMM_K : i % TM, kk = a_k == 1 ? i % ROUTER_GEMM_K : i / TM;
+            int gm = m0 + m, gk = k0 + kk;
+            As[kk][m] = gm < M && gk < k_end ? to_float(A[gm * a_m + gk * a_k]) : 0.0f;
+        }
+        for (int i = threadIdx.x; i < TN * ROUTER_GEMM_K; i += ROUTER_GEMM_THREADS) {
+            int n = b_n == 1 ? i % TN : i / ROUTER_GEMM_K, kk = b_n == 1 ? i / TN : i % ROUTER_GEMM_K;
+            int gn = n0 + n, gk = k0 + kk;
+            Bs[kk][n] = gn < N && gk < k_end ? to_float(B[gk * b_k + gn * b_n]) : 0.0f;
+        }
+        __syncthreads();
+        int slice = min(ROUTER_GEMM_K, k_end - k0);  // not past the end: no extra (zero) terms in the sums
+        for (int kk = 0; kk < slice; kk++) {
+            float a[4], b[4];
+            for (int i = 0; i < 4; i++) { a[i] = As[kk][4 * ty + i]; }
+            for (int j = 0; j < 4; j++) { b[j] = Bs[kk][4 * tx + j]; }
+            for (int i = 0; i < 4; i++) {
+                for (int j = 0; j < 4; j++) { acc[i][j] += a[i] * b[j]; }
+            }
+        }
+        __syncthreads();  // the slices are read before the next ones overwrite them
+    }
+    TO* o = out + batch * o_batch;
+    for (int i = 0; i < 4; i++) {
+        int m = m0 + 4 * ty + i;
+        if (m >= M) { continue; }
+        for (int j = 0; j < 4; j++) {
+            int n = n0 + 4 * tx + j;
+            if (n >= N) { continue; }
+            TO* y = o + (size_t)m * ldo + n;
+            *y = ACCUMULATE ? from_float<TO>(to_float(*y) + acc[i][j]) : from_float<TO>(acc[i][j]);
+        }
+    }
+}
+
+// The narrow side's tile: the power of two from 8 to 64 that holds `width` (the experts), or 64
+static int router_gemm_narrow_tile(int width) {
+    int tile = 8;
+    while (tile < width && tile < 64) { tile *= 2; }
+    return tile;
+}
+
+// One product for router_gemm_kernel: out (M, N) (+)= A . B, strides and batches as above.
+template <typename TA, typename TB, typename TO>
+struct RouterGemm {
+    TO* out;
+    int ldo;
+    size_t o_batch;
+    const TA* A;
+    size_t a_m, a_k;
+    const TB* B;
+    size_t b_k, b_n;
+    int M, N, K, k_per_batch;
+};
+
+template <int TM, int TN, bool ACCUMULATE, typename TA, typename TB, typename TO>
+static void router_gemm_launch(const RouterGemm<TA, TB, TO>& g, cudaStream_t stream) {
+    int m_tiles = ceil_div_int(g.M, TM), batches = ceil_div_int(g.K, g.k_per_batch);
+    dim3 grid((unsigned)m_tiles * batches, ceil_div_int(g.N, TN));
+    router_gemm_kernel<TM, TN, TA, TB, TO, ACCUMULATE><<<grid, ROUTER_GEMM_THREADS, 0, stream>>>(
+        g.out, g.ldo, g.o_batch, g.A, g.a_m, g.a_k, g.B, g.b_k, g.b_n, g.M, g.N, g.K, g.k_per_batch, m_tiles);
+    cudaCheckLaunch();
+}
+
+// g with a NARROW-wide tile on its narrow side (N where NARROW_N, else M)
+template <int NARROW, bool NARROW_N, bool ACCUMULATE, typename TA, typename TB, typename TO>
+static void router_gemm_narrow(const RouterGemm<TA, TB, TO>& g, cudaStream_t stream) {
+    constexpr int WIDE = 16 * ROUTER_GEMM_THREADS / NARROW;
+    if constexpr (NARROW_N) {
+        router_gemm_launch<WIDE, NARROW, ACCUMULATE>(g, stream);
+    } else {
+        router_gemm_launch<NARROW, WIDE, ACCUMULATE>(g, stream);
+    }
+}
+
+// Runs g with the tile its narrow side asks for: N for the logits (N = E) and dh (N = C: a 64 x
+// 64 tile at GPT-2's widths), M for dWr (M = E).
+template <bool NARROW_N, bool ACCUMULATE, typename TA, typename TB, typename TO>
+static void router_gemm(const RouterGemm<TA, TB, TO>& g, cudaStream_t stream) {
+    switch (router_gemm_narrow_tile(NARROW_N ? g.N : g.M)) {
+    case 8: router_gemm_narrow<8, NARROW_N, ACCUMULATE>(g, stream); break;
+    case 16: router_gemm_narrow<16, NARROW_N, ACCUMULATE>(g, stream); break;
+    case 32: router_gemm_narrow<32, NARROW_N, ACCUMULATE>(g, stream); break;
+    default: router_gemm_narrow<64, NARROW_N, ACCUMULATE>(g, stream); break;
+    }
+}
+
 // Warp arg-max of (value, index) pairs under "larger value, then lower index"; -1 loses to all.
 __device__ __forceinline__ void warp_argmax(float* value, int* index) {
     for (int offset = 16; offset > 0; offset >>= 1) {
@@ -127,24 +254,18 @@ __device__ __forceinline__ void warp_argmax(float* value, int* index) {
     }
 }
 
-// One warp per token: logits, softmax, lse and, for token choice (k > 0), the top-k and weights.
-// Shared memory: per warp, E floats (the logits) and E ints (taken flags).
-__global__ void router_scores_kernel(float* logits, float* probs, float* lse, int* choice_expert, float* choice_weight, const floatX* h,
-                                     const float* routerw, const int* forced_choice, int N, int C, int E, int k, int renorm) {
+// One warp per token, after router_gemm has written the logits: softmax, lse and, for token
+// choice (k > 0), the top-k and weights. Shared memory: per warp, E floats (the logits) and E ints
+// (taken flags).
+__global__ void router_scores_kernel(const float* logits, float* probs, float* lse, int* choice_expert, float* choice_weight,
+                                     const int* forced_choice, int N, int E, int k, int renorm) {
     extern __shared__ float smem[];
     int warps = blockDim.x / WARP_SIZE, warp = threadIdx.x / WARP_SIZE, lane = threadIdx.x % WARP_SIZE;
     float* z = smem + warp * E;
     int* taken = (int*)(smem + warps * E) + warp * E;
     int t = blockIdx.x * warps + warp;
     if (t >= N) { return; }  // the whole warp leaves together
-    const floatX* ht = h + (size_t)t * C;
-    for (int e = 0; e < E; e++) {
-        const float* w = routerw + (size_t)e * C;
-        float acc = 0.0f;
-        for (int c = lane; c < C; c += WARP_SIZE) { acc += to_float(ht[c]) * w[c]; }
-        acc = warp_reduce_sum(acc);
-        if (lane == 0) { z[e] = acc; }
-    }
+    for (int e = lane; e < E; e += WARP_SIZE) { z[e] = logits[(size_t)t * E + e]; }
     __syncwarp();
     float maxval = -INFINITY;
     for (int e = lane; e < E; e += WARP_SIZE) { maxval = fmaxf(maxval, z[e]); }
@@ -154,7 +275,6 @@ __global__ void router_scores_kernel(float* logits, float* probs, float* lse, in
     sum = warp_reduce_sum(sum);
     float* pt = probs + (size_t)t * E;
     for (int e = lane; e < E; e += WARP_SIZE) {
-        logits[(size_t)t * E + e] = z[e];
         pt[e] = expf(z[e] - maxval) / sum;
         taken[e] = 0;
     }
@@ -550,11 +670,11 @@ __global__ void __launch_bounds__(ROUTE_TILE) route_place_kernel(DeviceRouting r
 }
 
 // One warp per token: the combine-weight gradients dw, dp (renorm or not), the balance term,
-// the softmax backward and the z term into dz = dlogits[t], then dh[t] += dz . Wr.
-__global__ void router_backward_kernel(floatX* dh, float* dlogits, const float* drow_weight, const int* choice_expert,
-                                       const float* choice_weight, const int* choice_row, const int* pair_row, const float* probs,
-                                       const float* lse, const int* assignments, const int* counts, const float* routerw, float alpha,
-                                       float beta, int N, int C, int E, int k, int renorm) {
+// the softmax backward and the z term into dz = dlogits[t] (router_gemm then takes dh += dz . Wr
+// and dWr += dz^T h).
+__global__ void router_backward_kernel(float* dlogits, const float* drow_weight, const int* choice_expert, const float* choice_weight,
+                                       const int* choice_row, const int* pair_row, const float* probs, const float* lse,
+                                       const int* assignments, const int* counts, float alpha, float beta, int N, int E, int k, int renorm) {
     extern __shared__ float smem[];
     int warps = blockDim.x / WARP_SIZE, warp = threadIdx.x / WARP_SIZE, lane = threadIdx.x % WARP_SIZE;
     float* dp = smem + warp * E;
@@ -594,30 +714,7 @@ __global__ void router_backward_kernel(floatX* dh, float* dlogits, const float* 
     }
     pdp = warp_reduce_sum(pdp);
     float z_term = 2.0f * beta * lse[t] / N;
-    for (int e = lane; e < E; e += WARP_SIZE) {
-        float dz = p[e] * (dp[e] - pdp) + z_term * p[e];
-        dlogits[(size_t)t * E + e] = dz;
-        dp[e] = dz;
-    }
-    __syncwarp();
-    floatX* dht = dh + (size_t)t * C;
-    for (int c = lane; c < C; c += WARP_SIZE) {
-        float acc = 0.0f;
-        for (int e = 0; e < E; e++) { acc += dp[e] * routerw[(size_t)e * C + c]; }
-        dht[c] = from_float<floatX>(to_float(dht[c]) + acc);
-    }
-}
-
-// partial[chunk][e][c] = sum over the chunk's tokens t (in order) of dlogits[t][e] h[t][c];
-// grid (chunks, ceil(C / blockDim.x), E): the chunks in gridDim.x, which holds 2^31 - 1 of them
-// (gridDim.z would stop at 65535 chunks, 8.4M tokens)
-__global__ void router_weight_grad_partial_kernel(float* partial, const float* dlogits, const floatX* h, int N, int C, int E) {
-    int chunk = blockIdx.x, c = blockIdx.y * blockDim.x + threadIdx.x, e = blockIdx.z;
-    if (c >= C) { return; }
-    int t0 = chunk * ROUTER_TOKEN_CHUNK, t1 = min(N, t0 + ROUTER_TOKEN_CHUNK);
-    float acc = 0.0f;
-    for (int t = t0; t < t1; t++) { acc += dlogits[(size_t)t * E + e] * to_float(h[(size_t)t * C + c]); }
-    partial[((size_t)chunk * E + e) * C + c] = acc;
+    for (int e = lane; e < E; e += WARP_SIZE) { dlogits[(size_t)t * E + e] = p[e] * (dp[e] - pdp) + z_term * p[e]; }
 }
 
 // drouterw[e][c] += the chunks' partial sums, in chunk order
@@ -725,13 +822,30 @@ static void routing_ready(DeviceRouting* r) {
 
 // The routing of n tokens h (n, C) with the fp32 router weights routerw (E, C), in two steps that
 // router_forward runs one after the other (the kernel study times them apart):
-//   router_scores  the logits, softmax and log-sum-exp of every token and, for token choice, its
-//                  top-k and combine weights (router_scores_kernel);
+//   router_scores  the logits (router_logits: router_gemm_kernel), then the softmax and
+//                  log-sum-exp of every token and, for token choice, its top-k and combine weights
+//                  (router_choose: router_scores_kernel);
 //   route_layout   the capacity rule, the expert-contiguous row layout, each token's rows and the
 //                  auxiliary losses (route_keep_kernel where something may be dropped, then
 //                  route_count_kernel, route_scan_kernel, route_offsets_kernel and
 //                  route_place_kernel).
-static void router_scores(DeviceRouting* r, const floatX* h, const float* routerw, const ModelConfig* cfg, int n, int C, cudaStream_t stream) {
+
+// logits (n, E) = h (n, C) . routerw (E, C)^T: A(t, c) = h[t C + c], B(c, e) = routerw[e C + c]
+static void router_logits(float* logits, const floatX* h, const float* routerw, int n, int C, int E, cudaStream_t stream) {
+    RouterGemm<floatX, float, float> g = {logits, E, 0, h, (size_t)C, 1, routerw, 1, (size_t)C, n, E, C, C};
+    router_gemm<true, false>(g, stream);
+}
+
+// from r->logits of n tokens: probabilities, lse and, for token choice, the choices and weights
+static void router_choose(DeviceRouting* r, const ModelConfig* cfg, int n, cudaStream_t stream) {
+    int E = cfg->num_experts, k = cfg->router == ROUTER_EXPERT ? 0 : cfg->top_k, warps = router_warps_per_block(E);
+    router_scores_kernel<<<ceil_div_int(n, warps), warps * WARP_SIZE, router_shared_bytes(E), stream>>>(
+        r->logits, r->probs, r->lse, r->choice_expert, r->choice_weight, r->forced_choice_expert, n, E, k, cfg->renorm);
+    cudaCheckLaunch();
+}
+
+// checks that n tokens of the config fit r's buffers, and makes them r's tokens
+static void router_begin(DeviceRouting* r, const ModelConfig* cfg, int n, int C) {
     int E = cfg->num_experts;
     bool ec = cfg->router == ROUTER_EXPERT;
     int k = ec ? 0 : cfg->top_k;
@@ -740,10 +854,12 @@ static void router_scores(DeviceRouting* r, const floatX* h, const float* router
             ec ? "expert choice" : "token choice", C, r->N, r->E, r->k, r->expert_choice ? "expert choice" : "token choice", r->C);
     }
     r->n = n;
-    int warps = router_warps_per_block(E);
-    router_scores_kernel<<<ceil_div_int(n, warps), warps * WARP_SIZE, router_shared_bytes(E), stream>>>(
-        r->logits, r->probs, r->lse, r->choice_expert, r->choice_weight, h, routerw, r->forced_choice_expert, n, C, E, k, cfg->renorm);
-    cudaCheckLaunch();
+}
+
+static void router_scores(DeviceRouting* r, const floatX* h, const float* routerw, const ModelConfig* cfg, int n, int C, cudaStream_t stream) {
+    router_begin(r, cfg, n, C);
+    router_logits(r->logits, h, routerw, n, C, cfg->num_experts, stream);
+    router_choose(r, cfg, n, stream);
 }
 
 // the layout of the r->n tokens router_scores scored
@@ -774,20 +890,39 @@ static void router_forward(DeviceRouting* r, const floatX* h, const float* route
 
 // dh (n, C) += and drouterw (E, C) += the router's share of the gradient, from r->drow_weight
 // (written by unpermute_tokens_backward) and the auxiliary losses. alpha and beta carry the
-// micro-batch's loss scale.
-static void router_backward(floatX* dh, float* drouterw, DeviceRouting* r, const floatX* h, const float* routerw, const ModelConfig* cfg,
-                            float alpha, float beta, int n, int C, cudaStream_t stream) {
-    int E = cfg->num_experts, k = cfg->router == ROUTER_EXPERT ? 0 : cfg->top_k;
-    int warps = router_warps_per_block(E);
+// micro-batch's loss scale. Two steps:
+//   router_dlogits          dz = dL/dlogits of every token (router_backward_kernel);
+//   router_products_backward  dh += dz . Wr and dWr += dz^T h (router_gemm_kernel, then
+//                           router_weight_grad_sum_kernel).
+static void router_dlogits(DeviceRouting* r, const ModelConfig* cfg, float alpha, float beta, int n, cudaStream_t stream) {
+    int E = cfg->num_experts, k = cfg->router == ROUTER_EXPERT ? 0 : cfg->top_k, warps = router_warps_per_block(E);
     router_backward_kernel<<<ceil_div_int(n, warps), warps * WARP_SIZE, router_shared_bytes(E), stream>>>(
-        dh, r->dlogits, r->drow_weight, r->choice_expert, r->choice_weight, r->choice_row, r->pair_row, r->probs, r->lse, r->assignments,
-        r->counts, routerw, alpha, beta, n, C, E, k, cfg->renorm);
+        r->dlogits, r->drow_weight, r->choice_expert, r->choice_weight, r->choice_row, r->pair_row, r->probs, r->lse, r->assignments,
+        r->counts, alpha, beta, n, E, k, cfg->renorm);
     cudaCheckLaunch();
+}
+
+// from dz = r->dlogits (n, E): dh (n, C) += dz . routerw (E, C), and drouterw (E, C) += dz^T h, as
+// partial sums over chunks of ROUTER_TOKEN_CHUNK tokens (r->drouterw_partial), then the chunks in
+// order
+static void router_products_backward(floatX* dh, float* drouterw, const DeviceRouting* r, const floatX* h, const float* routerw, int n,
+                                     int C, int E, cudaStream_t stream) {
+    // A(t, e) = dz[t E + e], B(e, c) = routerw[e C + c]
+    RouterGemm<float, float, floatX> dh_product = {dh, C, 0, r->dlogits, (size_t)E, 1, routerw, (size_t)C, 1, n, C, E, E};
+    router_gemm<true, true>(dh_product, stream);
+    // batch = chunk: partial[chunk] (E, C) = dz^T . h over the chunk, A(e, t) = dz[t E + e], B(t, c) = h[t C + c]
+    RouterGemm<float, floatX, float> dw_product = {
+        r->drouterw_partial, C, (size_t)E * C, r->dlogits, 1, (size_t)E, h, (size_t)C, 1, E, C, n, ROUTER_TOKEN_CHUNK};
+    router_gemm<false, false>(dw_product, stream);
     int chunks = ceil_div_int(n, ROUTER_TOKEN_CHUNK);
-    router_weight_grad_partial_kernel<<<dim3(chunks, ceil_div_int(C, 128), E), 128, 0, stream>>>(r->drouterw_partial, r->dlogits, h, n, C, E);
-    cudaCheckLaunch();
     router_weight_grad_sum_kernel<<<ceil_div_int((long long)E * C, 256), 256, 0, stream>>>(drouterw, r->drouterw_partial, chunks, C, E);
     cudaCheckLaunch();
+}
+
+static void router_backward(floatX* dh, float* drouterw, DeviceRouting* r, const floatX* h, const float* routerw, const ModelConfig* cfg,
+                            float alpha, float beta, int n, int C, cudaStream_t stream) {
+    router_dlogits(r, cfg, alpha, beta, n, stream);
+    router_products_backward(dh, drouterw, r, h, routerw, n, C, cfg->num_experts, stream);
 }
 
 // adds the last forward's counts and entropy to the report's sums (training batches only)

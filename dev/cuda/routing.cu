@@ -3,18 +3,24 @@ Kernel study: the routing and the permutation around the experts (kernels/router
 kernels/permute.cuh), checked against the CPU twin and timed against the experts' own GEMMs.
 
     make -C dev/cuda PRECISION=BF16      # or PRECISION=FP32; GPU_ARCH=90 to choose
-    dev/cuda/bin/BF16/routing            # checks of both layout versions, then timing
+    dev/cuda/bin/BF16/routing            # checks of both versions, then timing
     dev/cuda/bin/BF16/routing 2          # version 2 alone
     dev/cuda/bin/BF16/routing 0 --quick  # the small shapes only, no timing (the CPU emulation)
 
-The engine's kernels, the study's subject being what the routing costs:
-  router_forward   router_scores_kernel (a warp per token: E dot products, softmax, top-k,
-                   combine weights), then the layout in one of two versions:
-                   version 1 (the engine's until 2026-12-06): E + 2 blocks in all. A block per
+The engine's kernels, the study's subject being what the routing costs, in two versions: 1, the
+engine's until 2026-12-06, and 2, the engine's (kernels/router.cuh):
+  router_forward   the logits h . Wr^T, in
+                   version 1 by a warp per token (E dot products of length C, every warp
+                     reading all of Wr for its token: E C floats, 196 KB at E = 64, C = 768),
+                   version 2 by router_gemm_kernel (tiles of tokens x experts through shared
+                     memory, Wr read once per tile of tokens);
+                   then router_scores_kernel (a warp per token: softmax, top-k, combine
+                   weights), then the layout, in
+                   version 1: E + 2 blocks in all. A block per
                      expert keeps its candidates (the capacity rule) and numbers its rows by
                      scans over all N tokens; one block makes the offsets, every row and each
                      token's rows; one block sums the routing entropy over all N x E p;
-                   version 2 (the engine's, kernels/router.cuh): route_keep_kernel only where
+                   version 2: route_keep_kernel only where
                      something may be dropped, then a counting sort over tiles of about 256
                      candidates: counts per tile and expert, a block per expert scanning its
                      counts, one block for the offsets and losses, a block per tile placing its
@@ -22,30 +28,40 @@ The engine's kernels, the study's subject being what the routing costs:
                      warp) and its tokens' rows;
   permute_tokens   a warp per row gathers its token's h row;
   unpermute_tokens a warp per token sums its rows times their combine weights, in combine order;
-  and in the backward unpermute_tokens_backward, permute_tokens_backward and router_backward.
+  and in the backward unpermute_tokens_backward, permute_tokens_backward and router_backward:
+  router_backward_kernel (a warp per token: dz), then the products dh += dz . Wr and dWr +=
+  dz^T h (partial sums over chunks of 128 tokens, then the chunks in order), in version 1 by a warp
+  per token for dh (all of Wr again) and a block per (chunk, 128 channels, expert) for dWr (the
+  chunk's h read once per expert), in version 2 by router_gemm_kernel.
 The design target: routing, permutation and un-permutation together under 5% of a step. The
 timing prints them, per MoE layer and forward plus backward, beside the same layer's expert
 GEMMs (kernels/expert_mlp.cuh), which are about two thirds of an MoE layer's FLOPs.
 
-Checks per layout version and routing mode (dropless top-2, renormalised or not; a capacity
+Checks per version and routing mode (dropless top-2, renormalised or not; a capacity
 with order and with score priority; expert choice; and, for version 2, 300 experts top-4 and
 expert choice among 300, for more experts than a tile block has threads and more candidates per
 token than a tile holds; and 8300 tokens top-32 of 64, for more tiles than a scan's pass takes), on inputs whose logits have no near-ties, and on inputs made of a few distinct tokens
 repeated, whose exact ties the capacity cuts through: the row layout (expert_offsets, the token
 of every row, each token's rows) equal to the twin's, the combine weights of the rows, the
 permuted rows (an exact copy), the un-permuted output, the assignments and dropped counts
-(exactly), the balance and z losses and the routing entropy.
+(exactly), the balance and z losses and the routing entropy; then router_backward from random
+combine-weight gradients with both auxiliary losses: dz, dh (added onto a random dh) and dWr
+against the twin's router_backward.
 Tolerances: combine weights 1e-5 (fp32 softmax on both sides, dot products summed in another
 order); losses and entropy 1e-5 (the same, and sums in another order); un-permuted output 1e-5
-(FP32) and 1e-2 (BF16: the output is rounded to bf16, 2^-9).
-The backward of these kernels is checked through the whole model by test_moe.
+(FP32) and 1e-2 (BF16: the output is rounded to bf16, 2^-9); dz and dWr 1e-5 (fp32 on both
+sides, sums in another order), dh as the un-permuted output.
+The backward of the permutations is checked through the whole model by test_moe.
 Speed of light at the timing shapes (C = 768, bf16; router_forward timed as its two steps, the
 scores and the layout). 8192 tokens, E = 8, top-2: the router's logits are 2 * N * C * E =
 0.1 GFLOP; permute and un-permute each move 16384 rows of 1536 bytes in and out (about 75 MB,
 22 us at 3.35 TB/s). 65536 tokens (B=64 x T=1024, the benchmark's batch), top-2 of 8: 8x all of
 that; the expert MLP is 6 GEMMs of 2 * rows * C * H = 3.7 TFLOP forward and backward. 65536
 tokens, top-8 of 64 (G=8, H=384): 524288 rows, permute 1.6 GB in and out (0.48 ms), logits
-6.4 GFLOP in fp32, the expert MLP 1.9 TFLOP. The layout reads and writes a few ints per
+6.4 GFLOP in fp32, the expert MLP 1.9 TFLOP. The router's three products (logits, dh, dWr) are
+6.4 GFLOP each there, 19 GFLOP in all: 0.29 ms at an H100 SXM's 67 TFLOP/s of fp32 on CUDA cores. Version 1 moves
+Wr through L1 and L2 once per token for the logits and again for dh (12.9 GB each at E = 64) and
+h once per expert for dWr (6.4 GB); version 2 about 0.3 GB for each product. The layout reads and writes a few ints per
 candidate (N * k of them, at most 0.5 M: about 10 MB) and reads p once (N * E floats, 17 MB at
 E = 64): about 10 us at full bandwidth. Version 1 is bound by latency instead (its second and
 third kernels are single blocks); the two 65536-token shapes say what each version costs where
@@ -191,6 +207,77 @@ static void run_layout(int version, DeviceRouting* r, const ModelConfig* cfg, cu
     }
 }
 
+// Version 1 of the router's products (the engine's until 2026-12-06): the logits and dh by a warp
+// per token, each warp reading all of Wr (E C floats) for its token; dWr's partial sums by a block
+// per (chunk of tokens, 128 channels, expert), which reads the chunk's h once per expert. Version
+// 2 (router_gemm_kernel) reads Wr once per tile of tokens and h once per tile of experts.
+__global__ void router_logits_v1_kernel(float* logits, const floatX* h, const float* routerw, int N, int C, int E) {
+    int warps = blockDim.x / WARP_SIZE, warp = threadIdx.x / WARP_SIZE, lane = threadIdx.x % WARP_SIZE;
+    int t = blockIdx.x * warps + warp;
+    if (t >= N) { return; }
+    const floatX* ht = h + (size_t)t * C;
+    for (int e = 0; e < E; e++) {
+        const float* w = routerw + (size_t)e * C;
+        float acc = 0.0f;
+        for (int c = lane; c < C; c += WARP_SIZE) { acc += to_float(ht[c]) * w[c]; }
+        acc = warp_reduce_sum(acc);
+        if (lane == 0) { logits[(size_t)t * E + e] = acc; }
+    }
+}
+
+__global__ void router_dh_v1_kernel(floatX* dh, const float* dlogits, const float* routerw, int N, int C, int E) {
+    int warps = blockDim.x / WARP_SIZE, warp = threadIdx.x / WARP_SIZE, lane = threadIdx.x % WARP_SIZE;
+    int t = blockIdx.x * warps + warp;
+    if (t >= N) { return; }
+    floatX* dht = dh + (size_t)t * C;
+    for (int c = lane; c < C; c += WARP_SIZE) {
+        float acc = 0.0f;
+        for (int e = 0; e < E; e++) { acc += dlogits[(size_t)t * E + e] * routerw[(size_t)e * C + c]; }
+        dht[c] = from_float<floatX>(to_float(dht[c]) + acc);
+    }
+}
+
+// grid (chunks, ceil(C / 128), E)
+__global__ void router_weight_grad_partial_v1_kernel(float* partial, const float* dlogits, const floatX* h, int N, int C, int E) {
+    int chunk = blockIdx.x, c = blockIdx.y * blockDim.x + threadIdx.x, e = blockIdx.z;
+    if (c >= C) { return; }
+    int t0 = chunk * ROUTER_TOKEN_CHUNK, t1 = min(N, t0 + ROUTER_TOKEN_CHUNK);
+    float acc = 0.0f;
+    for (int t = t0; t < t1; t++) { acc += dlogits[(size_t)t * E + e] * to_float(h[(size_t)t * C + c]); }
+    partial[((size_t)chunk * E + e) * C + c] = acc;
+}
+
+// router_scores by version 1 or 2 (the engine's): the logits by either, the rest the engine's
+static void run_scores(int version, DeviceRouting* r, const floatX* h, const float* routerw, const ModelConfig* cfg, int n, int C,
+                       cudaStream_t stream) {
+    if (version == 1) {
+        router_begin(r, cfg, n, C);
+        router_logits_v1_kernel<<<ceil_div_int(n, 8), 8 * WARP_SIZE, 0, stream>>>(r->logits, h, routerw, n, C, cfg->num_experts);
+        cudaCheckLaunch();
+        router_choose(r, cfg, n, stream);
+    } else {
+        router_scores(r, h, routerw, cfg, n, C, stream);
+    }
+}
+
+// router_backward by version 1 or 2 (the engine's): dz by the engine's kernel, the products by either
+static void run_backward(int version, floatX* dh, float* drouterw, DeviceRouting* r, const floatX* h, const float* routerw,
+                         const ModelConfig* cfg, float alpha, float beta, int n, int C, cudaStream_t stream) {
+    int E = cfg->num_experts, chunks = ceil_div_int(n, ROUTER_TOKEN_CHUNK);
+    router_dlogits(r, cfg, alpha, beta, n, stream);
+    if (version == 1) {
+        router_dh_v1_kernel<<<ceil_div_int(n, 8), 8 * WARP_SIZE, 0, stream>>>(dh, r->dlogits, routerw, n, C, E);
+        cudaCheckLaunch();
+        router_weight_grad_partial_v1_kernel<<<dim3(chunks, ceil_div_int(C, 128), E), 128, 0, stream>>>(r->drouterw_partial, r->dlogits, h,
+                                                                                                        n, C, E);
+        cudaCheckLaunch();
+        router_weight_grad_sum_kernel<<<ceil_div_int((long long)E * C, 256), 256, 0, stream>>>(drouterw, r->drouterw_partial, chunks, C, E);
+        cudaCheckLaunch();
+    } else {
+        router_products_backward(dh, drouterw, r, h, routerw, n, C, E, stream);
+    }
+}
+
 // ----------------------------------------------------------------------------
 
 struct Mode {
@@ -269,7 +356,7 @@ static void validate_mode(int version, const Mode& m, int N, int C, int distinct
     floatX* d_expert_output = to_device<floatX>(expert_output);
     floatX* d_permuted = cuda_malloc<floatX>((size_t)rows_max * C);
     floatX* d_y = cuda_malloc<floatX>((size_t)N * C);
-    router_scores(&dr, d_h, d_routerw, &cfg, N, C, 0);
+    run_scores(version, &dr, d_h, d_routerw, &cfg, N, C, 0);
     run_layout(version, &dr, &cfg, 0);
     permute_tokens(d_permuted, d_h, &dr, C, 0);
     unpermute_tokens(d_y, d_expert_output, &dr, N, C, 0);
@@ -321,6 +408,47 @@ static void validate_mode(int version, const Mode& m, int N, int C, int distinct
     check_close(name, {gpu_z}, {z}, 1e-5, 1e-5);
     snprintf(name, sizeof(name), "router_forward routing entropy per token [%s]", shape);
     check_close(name, {(float)(gpu_entropy / N)}, {(float)(stats.entropy_sum / N)}, 1e-5, 1e-5);
+
+    // the backward from random combine-weight gradients (the rows are the twin's: the layout
+    // check above), with the balance and z terms: dz, then dh += dz . Wr onto a random dh, and dWr
+    if (layout) {
+        const float alpha = 0.01f, beta = 0.001f;
+        std::vector<float> drow_weight = random_vector(std::max(rows, 1), 14 + E);
+        std::vector<float> dh_ref = round_to_floatX(random_vector((size_t)N * C, 15 + E)), drouterw_ref((size_t)E * C, 0.0f);
+        floatX* d_dh = to_device<floatX>(dh_ref);
+        float* d_drouterw = to_device<float>(drouterw_ref);
+        cudaCheck(cudaMemcpy(dr.drow_weight, drow_weight.data(), rows * sizeof(float), cudaMemcpyHostToDevice));
+        if (version == 2) {
+            // the tiles sum each output over k in the same order as version 1's warps, one fused
+            // multiply-add at a time: the same bits
+            floatX* d_dh1 = to_device<floatX>(dh_ref);
+            float* d_drouterw1 = to_device<float>(drouterw_ref);
+            run_backward(1, d_dh1, d_drouterw1, &dr, d_h, d_routerw, &cfg, alpha, beta, N, C, 0);
+            run_backward(2, d_dh, d_drouterw, &dr, d_h, d_routerw, &cfg, alpha, beta, N, C, 0);
+            auto same_bits = [](const std::vector<float>& x, const std::vector<float>& y) {
+                return x.size() == y.size() && memcmp(x.data(), y.data(), x.size() * sizeof(float)) == 0;
+            };
+            bool same = same_bits(to_host(d_dh, (size_t)N * C), to_host(d_dh1, (size_t)N * C)) &&
+                        same_bits(to_host(d_drouterw, (size_t)E * C), to_host(d_drouterw1, (size_t)E * C));
+            snprintf(name, sizeof(name), "router_backward dh and drouterw, versions 1 and 2 [%s]", shape);
+            check_true(name, same, same ? "bit-identical" : "differ");
+            for (void* p : std::initializer_list<void*>{d_dh1, d_drouterw1}) { cudaCheck(cudaFree(p)); }
+        } else {
+            run_backward(version, d_dh, d_drouterw, &dr, d_h, d_routerw, &cfg, alpha, beta, N, C, 0);
+        }
+        std::vector<float> dlogits_ref((size_t)N * E);
+        cpu::router_backward(dh_ref.data(), drouterw_ref.data(), dlogits_ref.data(), drow_weight.data(), &r, logits.data(), probs.data(),
+                             h.data(), routerw.data(), &cfg, alpha, beta, N, C);
+        // dz to 1e-5 (the same fp32 formulas); dh to 1e-5 in FP32 and 1e-2 in BF16 (rounded to
+        // bf16, 2^-9); dWr, fp32 sums of N terms in another order, to 1e-5
+        snprintf(name, sizeof(name), "router_backward dlogits [%s]", shape);
+        check_close(name, to_host(dr.dlogits, (size_t)N * E), dlogits_ref, 1e-5, 1e-5);
+        snprintf(name, sizeof(name), "router_backward dh [%s]", shape);
+        check_close(name, to_host(d_dh, (size_t)N * C), dh_ref, 1e-5, 1e-2);
+        snprintf(name, sizeof(name), "router_backward drouterw [%s]", shape);
+        check_close(name, to_host(d_drouterw, (size_t)E * C), drouterw_ref, 1e-5, 1e-5);
+        for (void* p : std::initializer_list<void*>{d_dh, d_drouterw}) { cudaCheck(cudaFree(p)); }
+    }
     buffers_free(&routing_buffers);
     for (void* p : std::initializer_list<void*>{d_h, d_routerw, d_expert_output, d_permuted, d_y}) { cudaCheck(cudaFree(p)); }
 }
@@ -371,16 +499,22 @@ static void benchmark() {
         // the host would take seconds at 65536 tokens); the rows past the used ones are zero
         cudaCheck(cudaMemset(d_rows, 0, (size_t)rows_max * C * sizeof(floatX)));
         permute_tokens(d_rows, d_h, &dr, C, 0);
-        float scores_ms = benchmark_ms(20, [&]() { router_scores(&dr, d_h, d_routerw, &cfg, N, C, 0); });
+        float scores_v1_ms = benchmark_ms(20, [&]() { run_scores(1, &dr, d_h, d_routerw, &cfg, N, C, 0); });
+        float scores_ms = benchmark_ms(20, [&]() { router_scores(&dr, d_h, d_routerw, &cfg, N, C, 0); });  // version 2, the engine's
         float layout_v1_ms = benchmark_ms(20, [&]() { route_layout_v1(&dr, &cfg, 0); });
         float layout_ms = benchmark_ms(20, [&]() { route_layout(&dr, &cfg, 0); });  // version 2, the engine's
         float permute_ms = benchmark_ms(20, [&]() { permute_tokens(d_rows2, d_h, &dr, C, 0); });
         float unpermute_ms = benchmark_ms(20, [&]() { unpermute_tokens(d_y, d_rows, &dr, N, C, 0); });
-        float backward_ms = benchmark_ms(20, [&]() {
-            unpermute_tokens_backward(d_rows2, &dr, d_y, d_rows, C, 0);
-            permute_tokens_backward(d_dh, d_rows2, &dr, N, C, 0);
-            router_backward(d_dh, d_drouterw, &dr, d_h, d_routerw, &cfg, 1.0f / N, 0.0f, N, C, 0);
-        });
+        // the backward of all three, with the router's in either version
+        float backward_ms = 0.0f, backward_v1_ms = 0.0f;
+        for (int version = 1; version <= 2; version++) {
+            float ms = benchmark_ms(20, [&]() {
+                unpermute_tokens_backward(d_rows2, &dr, d_y, d_rows, C, 0);
+                permute_tokens_backward(d_dh, d_rows2, &dr, N, C, 0);
+                run_backward(version, d_dh, d_drouterw, &dr, d_h, d_routerw, &cfg, 1.0f / N, 0.0f, N, C, 0);
+            });
+            (version == 1 ? backward_v1_ms : backward_ms) = ms;
+        }
         // the same layer's expert GEMMs, forward and backward, on the rows this routing made
         int rows = device_ints(dr.expert_offsets, m.E + 1)[m.E];
         floatX* w1 = to_device<floatX>(random_vector((size_t)m.E * H * C, 24, 0.02f));
@@ -400,10 +534,11 @@ static void benchmark() {
                                 rows_max, w1, w2, m.E, C, H, 0);
         });
         float routing_ms = scores_ms + layout_ms + permute_ms + unpermute_ms + backward_ms;
-        printf("%-26s N=%5d H=%4d %6d rows: router_forward %.3f ms (scores %.3f, layout %.3f; layout version 1 %.3f), permute %.3f ms, "
-               "unpermute %.3f ms, backward (all three) %.3f ms; together %.3f ms = %.1f%% of the expert MLP's %.3f ms\n",
-               m.name, N, H, rows, scores_ms + layout_ms, scores_ms, layout_ms, layout_v1_ms, permute_ms, unpermute_ms, backward_ms,
-               routing_ms, 100.0 * routing_ms / mlp_ms, mlp_ms);
+        printf("%-26s N=%5d H=%4d %6d rows: router_forward %.3f ms (scores %.3f, version 1 %.3f; layout %.3f, version 1 %.3f), "
+               "permute %.3f ms, unpermute %.3f ms, backward (all three) %.3f ms (version 1 of the router's %.3f); together %.3f ms = "
+               "%.1f%% of the expert MLP's %.3f ms\n",
+               m.name, N, H, rows, scores_ms + layout_ms, scores_ms, scores_v1_ms, layout_ms, layout_v1_ms, permute_ms, unpermute_ms,
+               backward_ms, backward_v1_ms, routing_ms, 100.0 * routing_ms / mlp_ms, mlp_ms);
         buffers_free(&routing_buffers);
         for (void* p : std::initializer_list<void*>{d_h, d_routerw, d_rows, d_rows2, d_y, d_dh, d_drouterw, w1, w2, b1, b2, fch, fch_gelu, dfch,
                                                     dfch_gelu, grads}) {
