@@ -2,10 +2,12 @@
 # Everything that needs a GPU, in one command (design.md, "GPU verification"); under nine minutes
 # on one H100. The GPU and the toolchain first, then the parts, the most telling first (a run cut
 # short still says whether the engine is right):
-#   build    train_moe and test_moe built for sm_90, FP32 and BF16
-#   tests    the test suite (make test): the CPU twin against PyTorch, then test_moe in both
-#            precisions against the same reference states, and its invariants (without the CPU
-#            emulation of the GPU kernels, SKIP_EMULATION=1: here they run on the GPU itself)
+#   build    train_moe and test_moe for sm_90, FP32 and BF16, and the dev/cuda kernel studies,
+#            all at once: the parts after it build nothing more
+#   tests    make test's GPU share (GPU_ONLY=1): the PyTorch reference's states, checked against
+#            the CPU twin, then test_moe in both precisions against them, and its invariants,
+#            with the binaries of the build part (the CPU-only checks, the builds for sm_80 and
+#            the CUDA emulation are CI's: a GPU machine's time is short)
 #   train    short trainings on Tiny Shakespeare: dense GPT-2 124M shape, then upcycled to 8 experts
 #   studies  every dev/cuda kernel study: validation against the CPU twin and timing, both precisions
 #   bench    the benchmark (scripts/bench.sh)
@@ -49,20 +51,27 @@ part() {
     echo "| $name | $result | $((SECONDS - t0)) |" >> "$REPORT"
 }
 
+FP32_BUILD=/tmp/gpu_check_fp32  # the FP32 train_moe and test_moe; the BF16 ones go here (./train_moe)
 # shellcheck disable=SC2317  # called through part
-build_both() {  # the four binaries at once (nvcc uses one core each): FP32 into /tmp, BF16 here
-    make -s -j2 train_moe test_moe PRECISION=FP32 GPU_ARCHS=90 BUILD=/tmp &
-    local fp32=$!
-    make -s -j2 train_moe test_moe PRECISION=BF16 GPU_ARCHS=90
-    local bf16=$?
-    wait $fp32 && [ $bf16 -eq 0 ]
+build_all() {  # everything at once (nvcc uses one core a file): train_moe and test_moe in both precisions, the studies
+    local pids=() rc=0
+    make -s -j2 train_moe test_moe PRECISION=FP32 GPU_ARCHS=90 BUILD="$FP32_BUILD" & pids+=($!)
+    make -s -j2 train_moe test_moe PRECISION=BF16 GPU_ARCHS=90 & pids+=($!)
+    make -s -j4 -C dev/cuda PRECISION=FP32 GPU_ARCH=90 & pids+=($!)
+    make -s -j4 -C dev/cuda PRECISION=BF16 GPU_ARCH=90 & pids+=($!)
+    for pid in "${pids[@]}"; do wait "$pid" || rc=1; done
+    return $rc
 }
 if wants build; then
-    part "build train_moe and test_moe (sm_90, FP32 and BF16; the trainings use BF16)" build.log build_both
+    mkdir -p "$FP32_BUILD"
+    part "build train_moe, test_moe and the dev/cuda studies (sm_90, FP32 and BF16; the trainings use BF16)" build.log build_all
 fi
 export SHARED_DATA
 if wants tests; then
-    part "make test (CPU twin vs PyTorch, test_moe FP32 and BF16)" tests.log env SKIP_EMULATION=1 make --no-print-directory test
+    prebuilt=()  # the build part's binaries, where it ran (else make test builds its own)
+    [ -x ./test_moe ] && [ -x "$FP32_BUILD/test_moe" ] && prebuilt=(CUDA_PREBUILT_BF16=. "CUDA_PREBUILT_FP32=$FP32_BUILD")
+    part "make test, GPU share (reference states vs the CPU twin, test_moe FP32 and BF16)" tests.log \
+        env GPU_ONLY=1 "${prebuilt[@]}" make --no-print-directory test
 fi
 if { wants train || wants bench; } && [ ! -f dev/data/tinyshakespeare/tiny_shakespeare_train.bin ]; then
     part "prepare Tiny Shakespeare" train.log python3 dev/data/prepare.py --input "$SHARED_DATA/tinyshakespeare.txt" --bpe-dir "$SHARED_DATA/gpt2"

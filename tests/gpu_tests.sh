@@ -4,6 +4,7 @@
 #   1. build train_moe and test_moe for sm_80 and sm_90, and the dev/cuda kernel studies for sm_90,
 #      BF16 and FP32: a build error fails; every kernel of train_moe must fit its largest block in
 #      the register file (tests/kernel_resources.py, from ptxas's report: what no emulation sees);
+#      or, with CUDA_PREBUILT_BF16 and CUDA_PREBUILT_FP32, take the binaries in those folders;
 #   2. with a GPU: test_moe against the same reference states, and its invariants, both precisions;
 #      without one: train_moe's -h and its clear stop for want of a GPU, then "GPU tests skipped:
 #      no GPU", nothing of the GPU suite counted.
@@ -37,9 +38,25 @@ build_precision() {
         fi
     } > "$dir/results" 2>&1
 }
+# prebuilt PRECISION DIR: DIR's train_moe and test_moe (scripts/gpu_check.sh built them for this
+# GPU alone, sm_90) stand in for the builds; the builds for sm_80 and the register check are CI's
+prebuilt() {
+    local precision=$1 from=$2 dir=$STATES/cuda_$1
+    mkdir -p "$dir"
+    if [ -x "$from/train_moe" ] && [ -x "$from/test_moe" ]; then
+        ln -sf "$(cd "$from" && pwd)/train_moe" "$dir/train_moe"
+        ln -sf "$(cd "$from" && pwd)/test_moe" "$dir/test_moe"
+        echo "SKIP cuda_build[$precision]: train_moe and test_moe prebuilt in $from (the builds for sm_80 and kernel_resources: make test)" > "$dir/results"
+    else
+        echo "FAIL cuda_build[$precision]: no train_moe and test_moe in $from (CUDA_PREBUILT_$precision)" > "$dir/results"
+    fi
+}
 # The two precisions build at once where there are cores for it (a GPU machine's 16: the
 # section's time is then about the BF16 build's); on 2 cores that took 230 s instead of 160 s
-if [ "$(nproc)" -ge 8 ]; then
+if [ -n "${CUDA_PREBUILT_BF16:-}" ] && [ -n "${CUDA_PREBUILT_FP32:-}" ]; then
+    prebuilt BF16 "$CUDA_PREBUILT_BF16"
+    prebuilt FP32 "$CUDA_PREBUILT_FP32"
+elif [ "$(nproc)" -ge 8 ]; then
     build_precision BF16 &
     build_precision FP32 &
     wait

@@ -13,6 +13,10 @@
 #   7. the GPU engine's kernels on the CPU through a CUDA emulation (tests/emu/run.sh): test_moe
 #      in FP32 and BF16 against the same reference states, and the dev/cuda kernel studies'
 #      validations, checks named "emu.*"
+# GPU_ONLY=1 (scripts/gpu_check.sh on a GPU machine, whose time is short) runs 1, 2 and 6 only:
+# the reference states test_moe needs, checked against the twin, then the GPU tests; with
+# CUDA_PREBUILT_BF16 and CUDA_PREBUILT_FP32 (folders holding train_moe and test_moe built for this
+# GPU) tests/gpu_tests.sh runs those instead of building its own. SKIP_EMULATION=1 skips 7 alone.
 set -u
 cd "$(dirname "$0")/.." || exit 1
 TMP=$(mktemp -d /tmp/moe_tests.XXXXXX)
@@ -109,205 +113,11 @@ for entry in "${CONFIGS[@]}"; do
     run_checks "$name" ./test_moe_cpu reference "$name" "$state" "$model" -- -m "$DENSE" -i "$SHARD" $GEOMETRY $options
 done
 
-# NumPy 2 changed how a numpy scalar and a Python number combine (NEP 50: np.uint64(5) + 1 is now
-# a uint64, not a float64), which could move the reference's random numbers or sums. NumPy 1.24
-# to 1.26 (Debian's is 1.24) can apply the new rules and warn where a result changes
-# (NPY_PROMOTION_STATE=weak_and_warn): the test model and the states of the configs that draw
-# random numbers (jitter, Drop-Upcycling in both modes, noise, scratch) and rank by score must be
-# the same bytes under them, without a warning. With NumPy 2 the suite already runs under them.
-if "$PYTHON" -c "import numpy, sys; sys.exit(not hasattr(numpy, '_set_promotion_state'))" 2>/dev/null; then
-    NEP50=$TMP/nep50
-    mkdir -p "$NEP50"
-    export NPY_PROMOTION_STATE=weak_and_warn
-    differ=""
-    $REF make-dense --model 4:32:4:16 --vocab 100 --seed 7 --jitter 0.05 -o "$NEP50/dense.bin" > "$NEP50/make.out" 2>&1
-    cmp -s "$DENSE" "$NEP50/dense.bin" || differ="$differ dense.bin"
-    for name in e4_k2_drop_r0.5 e4_k2_drop_r0.25_independent e4_k2_noise e4_k2_scratch_wsd e8_k2_capacity0.75_score; do
-        # shellcheck disable=SC2046
-        $REF debug -m "$DENSE" -i "$SHARD" $GEOMETRY --steps 10 --state "$NEP50/$name.state" --write-model "$NEP50/$name.ref.bin" \
-            $(cat "$TMP/$name.options") > "$NEP50/$name.out" 2>&1
-        { cmp -s "$TMP/$name.state" "$NEP50/$name.state" && cmp -s "$TMP/$name.ref.bin" "$NEP50/$name.ref.bin"; } || differ="$differ $name"
-    done
-    unset NPY_PROMOTION_STATE
-    warnings=$(grep -h -m 1 -i 'warning' "$NEP50"/*.out | head -n 1 | cut -c1-200)
-    if [ -z "$differ" ] && [ -z "$warnings" ]; then
-        pass reference_under_numpy2_promotion "the test model and 5 configs' states and models byte-identical under NEP 50 (NPY_PROMOTION_STATE=weak_and_warn), no warning"
-    else
-        fail reference_under_numpy2_promotion "under NEP 50, different:${differ:- none}; ${warnings:-no warning}"
-    fi
+if [ "${GPU_ONLY:-0}" = 1 ]; then
+    echo "== GPU_ONLY=1: NEP 50, invariants, whole runs and bad input skipped (tests/cpu_checks.sh; CI runs them)"
 else
-    echo "SKIP reference_under_numpy2_promotion: this NumPy has no NPY_PROMOTION_STATE (NumPy 2 applies NEP 50 throughout)"
-fi
-
-echo "== invariants"
-run_checks invariants ./test_moe_cpu invariants "$DENSE" "$SHARD" "$TMP"
-
-echo "== whole runs"
-TRAIN="./train_moe_cpu -m $DENSE -i $SHARD -j $SHARD $GEOMETRY -s 0 -v 4 --val-steps 2 --stats-every 4 -l 1e-3"
-MOE="-e 8 -k 2 --init drop --capacity-factor 1.25 --z-loss 0.001"
-# shellcheck disable=SC2086
-$TRAIN $MOE -x 8 -o "$TMP/run_a" > "$TMP/run_a.out" 2>&1
-# shellcheck disable=SC2086
-OMP_NUM_THREADS=1 $TRAIN $MOE -x 8 -o "$TMP/run_b" > "$TMP/run_b.out" 2>&1
-if cmp -s "$TMP/run_a/model_00000008.bin" "$TMP/run_b/model_00000008.bin" &&
-   cmp -s "$TMP/run_a/state_00000008.bin" "$TMP/run_b/state_00000008.bin" &&
-   cmp -s "$TMP/run_a/main.log" "$TMP/run_b/main.log"; then
-    pass same_seed_runs_are_bit_identical "8 MoE steps, 2 threads vs 1 thread: model, optimizer state and main.log identical"
-else
-    fail same_seed_runs_are_bit_identical "the two runs differ (or did not finish: $(tail -n 2 "$TMP/run_a.out" | tr '\n' ' '))"
-fi
-# shellcheck disable=SC2086
-$TRAIN $MOE -x 8 --seed 1338 -o "$TMP/run_c" > "$TMP/run_c.out" 2>&1
-if [ -f "$TMP/run_c/model_00000008.bin" ] && ! cmp -s "$TMP/run_a/model_00000008.bin" "$TMP/run_c/model_00000008.bin"; then
-    pass another_seed_gives_another_model "--seed 1338 re-draws the dropped units and the router"
-else
-    fail another_seed_gives_another_model "a different seed gave the same model (or the run failed)"
-fi
-
-# resume: stop at step 4, continue to 8, compare with the straight run. The logs are the straight
-# run's to step 8, as a run that crashed after step 8 leaves them next to the checkpoint of step 4:
-# the resumed run drops the lines after step 4 and the validation of step 4, which it does again.
-# shellcheck disable=SC2086
-$TRAIN $MOE -x 8 -n 4 -o "$TMP/run_full" > "$TMP/run_full.out" 2>&1
-mkdir -p "$TMP/run_resumed"
-for file in model_00000004.bin state_00000004.bin DONE_00000004 main.log moe.log; do
-    cp "$TMP/run_full/$file" "$TMP/run_resumed/" 2>/dev/null
-done
-# shellcheck disable=SC2086
-$TRAIN $MOE -x 8 -n 4 -y 1 -o "$TMP/run_resumed" > "$TMP/run_resumed.out" 2>&1
-grep -E '^step +[5-8]/' "$TMP/run_full.out" | sed 's/| [0-9.]* ms.*//' > "$TMP/full_steps"
-grep -E '^step +[5-8]/' "$TMP/run_resumed.out" | sed 's/| [0-9.]* ms.*//' > "$TMP/resumed_steps"
-if cmp -s "$TMP/run_full/model_00000008.bin" "$TMP/run_resumed/model_00000008.bin" &&
-   cmp -s "$TMP/run_full/state_00000008.bin" "$TMP/run_resumed/state_00000008.bin" &&
-   cmp -s "$TMP/run_full/main.log" "$TMP/run_resumed/main.log" && cmp -s "$TMP/run_full/moe.log" "$TMP/run_resumed/moe.log" &&
-   grep -q '^s:8 tel' "$TMP/run_full/main.log" && grep -q '^s:8 layer' "$TMP/run_full/moe.log" &&
-   [ -s "$TMP/full_steps" ] && cmp -s "$TMP/full_steps" "$TMP/resumed_steps"; then
-    pass resume_is_bit_identical "resumed at step 4 next to the logs of a run that went on to step 8: model, optimizer state, the printed losses of steps 5-8, main.log and moe.log identical"
-else
-    fail resume_is_bit_identical "resumed run differs (or failed: $(tail -n 2 "$TMP/run_resumed.out" | tr '\n' ' '))"
-fi
-
-# SIGTERM stops a run at the next step with a checkpoint there, which -y 1 continues
-# bit-identically; a second signal stops at once (tests/stop_run.sh). A model wide enough for
-# steps of about 0.1 s, so that the signal lands before the run ends.
-$REF make-dense --model 4:128:4:64 --vocab 100 --seed 7 --jitter 0.05 -o "$TMP/dense_c128.bin" > "$TMP/make_c128.out" 2>&1
-# shellcheck disable=SC2086
-run_checks stop tests/stop_run.sh train_moe_cpu "$TMP/stop" 20 double -- ./train_moe_cpu -m "$TMP/dense_c128.bin" -i "$SHARD" \
-    -j "$SHARD" -b 8 -t 64 -s 0 -v 0 --stats-every 0 $MOE
-
-# -e 1 writes llm.c's model file; the engine's MoE checkpoint is read by the reference
-# shellcheck disable=SC2086
-./train_moe_cpu -m "$DENSE" -i "$SHARD" -j "$SHARD" $GEOMETRY -s 0 -e 1 -x 2 -o "$TMP/run_dense" > "$TMP/run_dense.out" 2>&1
-magic=$(od -An -t d4 -N 8 "$TMP/run_dense/model_00000002.bin" 2>/dev/null | tr -s ' ')
-if [ "$magic" = " 20240326 3" ]; then
-    pass dense_run_writes_llmc_checkpoint "model_00000002.bin: magic 20240326, version 3"
-else
-    fail dense_run_writes_llmc_checkpoint "header starts with '$magic'"
-fi
-for pair in "dense_checkpoint_roundtrip|$TMP/run_dense/model_00000002.bin|-e 1" "moe_checkpoint_roundtrip|$TMP/run_a/model_00000008.bin|"; do
-    IFS='|' read -r name model options <<< "$pair"
-    # shellcheck disable=SC2086
-    if $REF debug -m "$model" -i "$SHARD" $GEOMETRY --steps 2 --state "$TMP/$name.state" --write-model "$TMP/$name.ref.bin" $options $OPTIM > "$TMP/$name.ref.out" 2>&1; then
-        # shellcheck disable=SC2086
-        run_checks "$name" ./test_moe_cpu reference "$name" "$TMP/$name.state" "$TMP/$name.ref.bin" -- -m "$model" -i "$SHARD" $GEOMETRY $options $OPTIM
-    else
-        fail "$name" "the reference could not read the engine's checkpoint: $(tail -n 2 "$TMP/$name.ref.out" | tr '\n' ' ')"
-    fi
-done
-
-echo "== bad input"
-BAD=$TMP/bad
-mkdir -p "$BAD" "$BAD/out"
-# expect_error NAME PATTERN command...: exit status 1, exactly one "error:" line matching PATTERN
-expect_error() {
-    local name=$1 pattern=$2; shift 2
-    timeout 60 "$@" > "$BAD/stdout" 2> "$BAD/stderr"
-    local rc=$?
-    local line
-    line=$(grep '^error: ' "$BAD/stderr" | head -n 1)
-    if [ "$rc" -eq 1 ] && [ "$(grep -c '^error: ' "$BAD/stderr")" -eq 1 ] && grep -qi -- "$pattern" <<< "$line"; then
-        pass "$name" "exit 1, ${line:0:160}"
-    else
-        fail "$name" "exit status $rc (want 1 and an error matching '$pattern'): $(tail -c 300 "$BAD/stderr" | tr '\n' ' ')"
-    fi
-}
-# corrupt copies of the test model: put_int FILE SLOT VALUE overwrites one header slot
-put_int() { printf "$(printf '\\x%02x\\x%02x\\x%02x\\x%02x' $(($3 & 255)) $((($3 >> 8) & 255)) $((($3 >> 16) & 255)) $((($3 >> 24) & 255)))" | dd of="$1" bs=4 seek="$2" conv=notrunc status=none; }
-RUN="./train_moe_cpu -i $SHARD -j $SHARD $GEOMETRY -x 1 -s 0 -o $BAD/out"
-head -c 5000 "$DENSE" > "$BAD/truncated.bin"
-head -c 100 "$DENSE" > "$BAD/tiny.bin"
-: > "$BAD/empty.bin"
-cp "$DENSE" "$BAD/magic.bin"; put_int "$BAD/magic.bin" 0 12345
-cp "$DENSE" "$BAD/version.bin"; put_int "$BAD/version.bin" 1 4
-cp "$DENSE" "$BAD/layers.bin"; put_int "$BAD/layers.bin" 4 5
-cp "$DENSE" "$BAD/huge.bin"; put_int "$BAD/huge.bin" 6 1000000000
-cp "$DENSE" "$BAD/heads.bin"; put_int "$BAD/heads.bin" 5 3
-cp "$DENSE" "$BAD/nan.bin"; printf '\x00\x00\xc0\x7f' | dd of="$BAD/nan.bin" bs=1 seek=2000 conv=notrunc status=none
-# finite values whose sums overflow (3e38 in wte and wpe): the first step's loss is NaN
-cp "$DENSE" "$BAD/overflow.bin"
-for _ in $(seq 4608); do printf '\xe6\xb1\x61\x7f'; done | dd of="$BAD/overflow.bin" bs=1024 seek=1 conv=notrunc status=none
-cp "$TMP/run_a/model_00000008.bin" "$BAD/moe_flip.bin"; printf '\x55' | dd of="$BAD/moe_flip.bin" bs=1 seek=4000 conv=notrunc status=none
-cp "$TMP/run_a/model_00000008.bin" "$BAD/moe_trailing.bin"; printf 'xxxx' >> "$BAD/moe_trailing.bin"
-cp "$TMP/run_a/model_00000008.bin" "$BAD/moe_experts.bin"; put_int "$BAD/moe_experts.bin" 8 6
-expect_error checkpoint_truncated "truncated" $RUN -m "$BAD/truncated.bin"
-expect_error checkpoint_smaller_than_header "truncated" $RUN -m "$BAD/tiny.bin"
-expect_error checkpoint_empty "truncated" $RUN -m "$BAD/empty.bin"
-expect_error checkpoint_wrong_magic "bad magic" $RUN -m "$BAD/magic.bin"
-expect_error checkpoint_wrong_version "version 4" $RUN -m "$BAD/version.bin"
-expect_error checkpoint_header_disagrees_with_size "header says L=5" $RUN -m "$BAD/layers.bin"
-expect_error checkpoint_absurd_dimensions "C=1000000000" $RUN -m "$BAD/huge.bin"
-expect_error checkpoint_heads_do_not_divide "NH=3" $RUN -m "$BAD/heads.bin"
-expect_error checkpoint_corrupt_nan "non-finite" $RUN -m "$BAD/nan.bin"
-expect_error moe_checkpoint_corrupt_byte "checksum" $RUN -m "$BAD/moe_flip.bin"
-expect_error moe_checkpoint_trailing_bytes "trailing bytes" $RUN -m "$BAD/moe_trailing.bin"
-expect_error moe_checkpoint_experts_disagree "header says" $RUN -m "$BAD/moe_experts.bin"
-expect_error model_file_missing "not found" $RUN -m "$BAD/nothing.bin"
-# bad inputs found only once training has started (into $BAD/started): logs, but no checkpoint
-expect_error training_diverges "diverged" $RUN -m "$BAD/overflow.bin" -e 4 -k 2 -o "$BAD/started"
-
-head -c 3000 "$SHARD" > "$BAD/shard_truncated.bin"
-cp "$SHARD" "$BAD/shard_magic.bin"; put_int "$BAD/shard_magic.bin" 0 7
-"$PYTHON" dev/train_moe.py make-shard --vocab 100 --tokens 40 --seed 1 -o "$BAD/shard_small.bin" > /dev/null 2>&1
-"$PYTHON" dev/train_moe.py make-shard --vocab 500 --tokens 4096 --seed 1 -o "$BAD/shard_vocab.bin" > /dev/null 2>&1
-RUNM="./train_moe_cpu -m $DENSE $GEOMETRY -x 1 -s 0 -o $BAD/out"
-expect_error shard_truncated "header says" $RUNM -i "$BAD/shard_truncated.bin" -j "$SHARD"
-expect_error shard_wrong_magic "bad magic" $RUNM -i "$BAD/shard_magic.bin" -j "$SHARD"
-expect_error shard_smaller_than_one_batch "fewer than one batch" $RUNM -i "$BAD/shard_small.bin" -j "$SHARD"
-expect_error shard_token_outside_vocabulary "not below" $RUNM -i "$BAD/shard_vocab.bin" -j "$SHARD" -o "$BAD/started"
-expect_error shard_missing "no data file matches" $RUNM -i "$BAD/none_*.bin" -j "$SHARD"
-
-RUNS="$RUN -m $DENSE"
-expect_error unknown_flag "unknown option" $RUNS --expertz 8
-expect_error unknown_short_flag "unknown option" $RUNS -Q 1
-expect_error flag_without_value "needs a value" $RUNS -e
-expect_error experts_not_an_integer "not an integer" $RUNS -e eight
-expect_error experts_out_of_range "out of range" $RUNS -e 0
-expect_error lr_not_finite "finite" $RUNS -l nan
-expect_error bad_choice "not one of" $RUNS -e 4 --init dropout
-expect_error topk_above_experts "top-k" $RUNS -e 4 -k 5
-expect_error experts_not_multiple_of_granularity "multiple of the granularity" $RUNS -e 6 --granularity 4
-expect_error k1_with_renorm1 "no gradient" $RUNS -e 4 -k 1 --renorm 1
-expect_error moe_layer_out_of_range "out of range" $RUNS -e 4 --moe-layers 1,9
-expect_error moe_layer_repeated "listed twice" $RUNS -e 4 --moe-layers 1,1
-expect_error moe_layers_lastN_too_many "lastN" $RUNS -e 4 --moe-layers last9
-expect_error moe_layers_garbage "comma-separated" $RUNS -e 4 --moe-layers 1,x
-expect_error seq_len_above_maxT "exceeds" $RUNS -t 32
-expect_error total_batch_not_multiple "multiple of B\*T" $RUNS -d 100
-expect_error moe_checkpoint_conflicting_experts "conflicts" $RUN -m "$TMP/run_a/model_00000008.bin" -e 4
-expect_error init_optimizer_needs_dense_upcycling "needs -m with a dense checkpoint" $RUN -m "$TMP/run_a/model_00000008.bin" --init-optimizer "$TMP/run_dense/state_00000002.bin"
-# the moments of the 8-expert run, not of the dense model -m: the run stops as it starts, no log
-expect_error init_optimizer_state_of_another_model "holds optimizer moments for" $RUN -m "$DENSE" -e 8 -k 2 --init-optimizer "$TMP/run_full/state_00000008.bin"
-expect_error resume_without_output_dir "give it with -o" ./train_moe_cpu -m "$DENSE" -i "$SHARD" -y 1
-
-cp -r "$TMP/run_full" "$BAD/resume_corrupt"
-head -c 2000 "$BAD/resume_corrupt/state_00000008.bin" > "$BAD/resume_corrupt/state.tmp" && mv "$BAD/resume_corrupt/state.tmp" "$BAD/resume_corrupt/state_00000008.bin"
-expect_error resume_state_truncated "truncated" ./train_moe_cpu -m "$DENSE" -i "$SHARD" -j "$SHARD" $GEOMETRY $MOE -x 9 -s 0 -y 1 -o "$BAD/resume_corrupt"
-
-leftovers=$( (find "$BAD/out" -type f; find "$BAD/started" -type f ! -name '*.log') 2>/dev/null)
-if [ -z "$leftovers" ]; then
-    pass bad_input_writes_nothing "no checkpoint, temporary file or log left in the output directory (the runs that started training: their logs only)"
-else
-    fail bad_input_writes_nothing "$(echo "$leftovers" | wc -l) files left: $(echo "$leftovers" | head -n 3 | tr '\n' ' ')"
+    # shellcheck source=tests/cpu_checks.sh
+    source tests/cpu_checks.sh
 fi
 
 echo "== CUDA"
@@ -315,9 +125,9 @@ run_checks gpu bash tests/gpu_tests.sh "$TMP"
 grep -h "GPU tests skipped" "$TMP/gpu.out" || true
 
 echo "== the GPU engine's kernels on the CPU (CUDA emulation)"
-if [ "${SKIP_EMULATION:-0}" = 1 ]; then
+if [ "${SKIP_EMULATION:-0}" = 1 ] || [ "${GPU_ONLY:-0}" = 1 ]; then
     # scripts/gpu_check.sh: on a GPU the same kernels and tests run for real
-    echo "emulated GPU tests skipped (SKIP_EMULATION=1), nothing counted for them"
+    echo "emulated GPU tests skipped (SKIP_EMULATION=1 or GPU_ONLY=1), nothing counted for them"
 else
     run_checks emu bash tests/emu/run.sh "$TMP"
 fi
