@@ -62,6 +62,13 @@ static const float NEAR_TIE = 5e-2f;
 static const bool BF16 = true;
 #endif
 
+// a batch's tokens and encoder buckets in one go (the training loop sorts the buckets while the
+// GPU runs the forward: batch_upload_tokens, model_forward, batch_upload_buckets)
+static void batch_upload(BatchBuffers* b, const int* inputs, const int* targets, int n, cudaStream_t stream) {
+    batch_upload_tokens(b, inputs, targets, n, stream);
+    batch_upload_buckets(b, stream);
+}
+
 // A check that BF16 cannot hold for a routing that cascades (see above): reported, not counted.
 static void skip(const char* name, const char* fmt, double value, const char* why) {
     printf("SKIP %s: ", name);

@@ -71,15 +71,17 @@ struct LayerActivations {
     floatX* residual3;       // (N, C) the layer's output
 };
 
-// One micro-batch on the device: inputs, targets and the encoder backward's token buckets, one
-// upload. Two pinned staging buffers alternate, so filling one never races the copy of the other.
+// One micro-batch on the device: inputs, targets and the encoder backward's token buckets, in
+// two uploads (the tokens, then the buckets the host sorts while the GPU runs the forward). Two
+// pinned staging buffers alternate, so filling one never races the copies of the other.
 struct BatchBuffers {
     int N;
     int* device;             // (5N+1): inputs (N), targets (N), positions (N), starts (N+1), bucket tokens (N)
     int* staging[2];         // pinned host copies of the same layout
     cudaEvent_t uploaded[2];
     int next;                // the staging buffer the next upload fills
-    int num_buckets;         // of the last upload
+    int current, n;          // the staging buffer and tokens of the last upload
+    int num_buckets;         // of the last upload; -1 until batch_upload_buckets
     int* inputs;             // pointers into `device`
     int* targets;
     int* positions;
@@ -150,7 +152,9 @@ static void batch_init(BatchBuffers* b) {
         cudaCheck(cudaEventRecord(b->uploaded[i]));
     }
     b->next = 0;
-    b->num_buckets = 0;
+    b->current = 0;
+    b->n = 0;
+    b->num_buckets = -1;
     b->inputs = b->device;
     b->targets = b->device + N;
     b->positions = b->device + 2 * N;
@@ -158,19 +162,33 @@ static void batch_init(BatchBuffers* b) {
     b->bucket_tokens = b->device + 4 * N + 1;
 }
 
-// Uploads tokens (and targets, or zeros) of an n-token batch. Waits only for the copy issued two
-// uploads ago from the same staging buffer, which the GPU finished long since.
-static void batch_upload(BatchBuffers* b, const int* inputs, const int* targets, int n, cudaStream_t stream) {
+// Uploads the tokens (and targets, or zeros) of an n-token batch: all that a forward needs. Waits
+// only for the copies issued two uploads ago from the same staging buffer, which the GPU finished
+// long since.
+static void batch_upload_tokens(BatchBuffers* b, const int* inputs, const int* targets, int n, cudaStream_t stream) {
     int slot = b->next;
     b->next ^= 1;
     cudaCheck(cudaEventSynchronize(b->uploaded[slot]));
+    b->current = slot;
+    b->n = n;
+    b->num_buckets = -1;
     int* h = b->staging[slot];
     int N = b->N;
     memcpy(h, inputs, n * sizeof(int));
     if (targets) { memcpy(h + N, targets, n * sizeof(int)); } else { memset(h + N, 0, n * sizeof(int)); }
-    b->num_buckets = encoder_prepare_buckets(inputs, n, h + 2 * N, h + 3 * N, h + 4 * N + 1);
-    cudaCheck(cudaMemcpyAsync(b->device, h, batch_ints(N) * sizeof(int), cudaMemcpyHostToDevice, stream));
+    cudaCheck(cudaMemcpyAsync(b->device, h, 2 * (size_t)N * sizeof(int), cudaMemcpyHostToDevice, stream));
     cudaCheck(cudaEventRecord(b->uploaded[slot], stream));
+}
+
+// The encoder backward's buckets of the last batch_upload_tokens, sorted on the host (a stable sort
+// of B T positions: milliseconds at B=64, T=1024) and uploaded. The training loop calls it after
+// launching the forward, so that the GPU computes while the host sorts; the backward needs it.
+static void batch_upload_buckets(BatchBuffers* b, cudaStream_t stream) {
+    int* h = b->staging[b->current];
+    int N = b->N;
+    b->num_buckets = encoder_prepare_buckets(h, b->n, h + 2 * N, h + 3 * N, h + 4 * N + 1);
+    cudaCheck(cudaMemcpyAsync(b->device + 2 * N, h + 2 * N, (batch_ints(N) - 2 * (size_t)N) * sizeof(int), cudaMemcpyHostToDevice, stream));
+    cudaCheck(cudaEventRecord(b->uploaded[b->current], stream));
 }
 
 // the host side (the device buffer is the model's)
@@ -456,6 +474,7 @@ static void model_backward(Model* m, float loss_scale) {
         matmul_backward(dln1, g.qkvw + lc * 3 * C, g.qkvb + lc * 3, m->scratch, m->dqkv, a.ln1, p.qkvw + lc * 3 * C, N, C, 3 * C, s);
         layernorm_backward(m->dresidual, g.ln1w + lc, g.ln1b + lc, m->scratch, dln1, residual, p.ln1w + lc, a.ln1_mean, a.ln1_rstd, N, C, s);
     }
+    if (m->batch.num_buckets < 0) { die("model_backward: the batch's encoder buckets were not uploaded (batch_upload_buckets)"); }
     encoder_backward(g.wte, g.wpe, m->dresidual, m->batch.positions, m->batch.starts, m->batch.bucket_tokens, m->batch.num_buckets, B, T, C, s);
 }
 
@@ -509,7 +528,7 @@ static float validation_loss(Model* m, DataLoader* val, int max_batches) {
     cudaCheck(cudaMemsetAsync(val_sum, 0, sizeof(float), m->stream));
     for (int i = 0; i < n; i++) {
         dataloader_next_batch(val);
-        batch_upload(&m->batch, val->inputs, val->targets, val->B * val->T, m->stream);
+        batch_upload_tokens(&m->batch, val->inputs, val->targets, val->B * val->T, m->stream);  // no backward: no buckets
         model_forward(m, val->B, val->T, true, 0.0f);
         accumulate_sum(val_sum, m->losses, val->B * val->T, 1.0f / (val->B * val->T * n), m->stream);
     }
@@ -532,7 +551,7 @@ static void sample_text(Model* m, TrainingRun* run) {
     m->collect_stats = false;
     printf("generating:\n---\n");
     for (int t = 1; t < T; t++) {
-        batch_upload(&m->batch, tokens.data(), NULL, t, m->stream);
+        batch_upload_tokens(&m->batch, tokens.data(), NULL, t, m->stream);
         model_forward(m, 1, t, false, 0.0f);
         cudaCheck(cudaMemcpyAsync(row.data(), m->logits + (size_t)(t - 1) * Vp, Vp * sizeof(floatX), cudaMemcpyDeviceToHost, m->stream));
         cudaCheck(cudaStreamSynchronize(m->stream));
@@ -632,8 +651,9 @@ int main(int argc, char** argv) {
         float scale = 1.0f / run.grad_accum;
         for (int micro = 0; micro < run.grad_accum; micro++) {
             dataloader_next_batch(&run.train);
-            batch_upload(&model.batch, run.train.inputs, run.train.targets, run.B * run.T, model.stream);
+            batch_upload_tokens(&model.batch, run.train.inputs, run.train.targets, run.B * run.T, model.stream);
             model_forward(&model, run.B, run.T, true, scale / (run.B * run.T));
+            batch_upload_buckets(&model.batch, model.stream);  // sorted while the GPU runs the forward
             accumulate_losses(&model, scale);
             model_backward(&model, scale);
         }

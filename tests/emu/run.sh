@@ -15,7 +15,8 @@
 # its check (tests/emu/sanitize.cu checks that each kind is caught). The reverse-order runs use
 # plain builds, about twice as fast; the memory accesses are the same in both orders.
 # EMU_SANITIZE=0 skips the sanitized builds (both orders plain: faster, for a quick look).
-# train_moe's own loop, at the test model's size, stopped by SIGTERM and resumed (tests/stop_run.sh).
+# train_moe's own loop, at the test model's size: against the twin's in FP32 (tests/same_run.py), and
+# stopped by SIGTERM and resumed (tests/stop_run.sh).
 # Then train_moe itself, sampled (EMU_SAMPLE=1: a launch of more than 64 blocks runs only its
 # last block, see tests/emu/cuda_emu.h), trains one step at full width and length (T=1024, B up
 # to 64, GPT-2 small and XL widths, several routers): "emu.scale" checks that every launch keeps
@@ -357,6 +358,20 @@ if [ -x "$bin" ]; then
         fi
     ) &
 fi
+# train_moe's own loop (its main: uploads, accumulation, validation, updates) against the twin's, in
+# FP32: the same command, 4 steps of 2 micro-batches each, Drop-Upcycling, aux and z losses
+SAME_RUN="-m $STATES/dense.bin -i $STATES/shard.bin -j $STATES/shard.bin $GEOMETRY -d 128 -x 4 -l 1e-3 -s 0 -v 2 --val-steps 2 \
+    --stats-every 0 -e 8 -k 2 --init drop --z-loss 0.001"
+bin=$(binary train_moe FP32 forward)
+if [ -x "$bin" ] && [ -x ./train_moe_cpu ]; then
+    throttle
+    # shellcheck disable=SC2086
+    (
+        run forward "$OUT/same_run.FP32.out" "$bin" $SAME_RUN
+        OMP_NUM_THREADS=1 ./train_moe_cpu $SAME_RUN > "$OUT/same_run.twin.out" 2>&1
+    ) &
+fi
+bin=$(binary train_moe BF16 forward)
 # train_moe's own loop stopped by signals (tests/stop_run.sh): SIGTERM, then -y 1 to the end,
 # byte-identical to the run never stopped; a second SIGINT stops at once. An emulated step
 # takes about a second, time enough for the signals.
@@ -408,6 +423,14 @@ while IFS='|' read -r name precisions options environment; do
     done
 done <<< "$SCALE_CONFIGS"
 [ -x "$(binary train_moe BF16 forward)" ] && scale_oom_report
+if [ -x "$(binary train_moe FP32 forward)" ] && [ -x ./train_moe_cpu ]; then
+    failed=$(report "$OUT/same_run.FP32.out" "" "emu.train_moe.FP32.same_run_as_twin")
+    if [ -n "$failed" ]; then
+        echo "$failed"
+    else
+        ${PYTHON_ANY:-python3} tests/same_run.py emu.train_moe.FP32.same_run_as_twin "$OUT/same_run.FP32.out" "$OUT/same_run.twin.out"
+    fi
+fi
 if [ -x "$(binary train_moe BF16 forward)" ]; then
     grep -E '^(PASS|FAIL) ' "$OUT/stop.out"
     grep -q -E '^(PASS|FAIL) ' "$OUT/stop.out" || echo "FAIL emu.train_moe.BF16.stop_and_resume: tests/stop_run.sh said nothing: $(tail -n 2 "$OUT/stop.out" | tr '\n' ' ')"
