@@ -5,7 +5,8 @@
 #      BF16 and FP32: a build error fails; every kernel of train_moe must fit its largest block in
 #      the register file (tests/kernel_resources.py, from ptxas's report: what no emulation sees);
 #      or, with CUDA_PREBUILT_BF16 and CUDA_PREBUILT_FP32, take the binaries in those folders;
-#   2. with a GPU: test_moe against the same reference states, and its invariants, both precisions;
+#   2. with a GPU: test_moe against the same reference states, and its invariants, both precisions,
+#      and train_moe's own loop (FP32) against the twin's (tests/same_run.py);
 #      without one: train_moe's -h and its clear stop for want of a GPU, then "GPU tests skipped:
 #      no GPU", nothing of the GPU suite counted.
 set -u
@@ -104,3 +105,13 @@ for precision in FP32 BF16; do
     done
     "$bin" invariants "$STATES/dense.bin" "$STATES/shard.bin" | grep -E '^(PASS|FAIL|SKIP) '
 done
+# train_moe's own loop on the GPU against the twin's, FP32: the same printed losses (tests/same_run.py)
+bin=$STATES/cuda_FP32/train_moe
+if [ -x "$bin" ] && [ -x ./train_moe_cpu ]; then
+    same_run=$(python3 tests/same_run.py --options "$STATES")
+    # shellcheck disable=SC2086
+    "$bin" $same_run > "$STATES/same_run.gpu.out" 2>&1
+    # shellcheck disable=SC2086
+    ./train_moe_cpu $same_run > "$STATES/same_run.twin.out" 2>&1
+    python3 tests/same_run.py train_moe.FP32.same_run_as_twin "$STATES/same_run.gpu.out" "$STATES/same_run.twin.out"
+fi

@@ -1,11 +1,14 @@
 """Compares what two training runs printed: tests/same_run.py NAME LOG_A LOG_B [TOLERANCE]
+(tests/same_run.py --options STATES prints the options of the runs it is used on, for the test
+model and shard in the folder STATES: 4 steps of 2 micro-batches, Drop-Upcycling, aux and z losses)
 
 The step lines ("step 3/4 | loss 4.6 | aux 2.15 z 8.6 | norm 0.78 | lr ...") and validation lines
 ("step 4 | val loss 4.57") of both logs must be the same steps, with loss, aux, z, norm, lr and
 validation loss equal to TOLERANCE relative (default 1e-5) plus one unit of the last digit printed
 (each log rounds to its own digits). Prints one PASS or FAIL line named NAME. Used by
-tests/emu/run.sh to hold the GPU engine's own training loop (train_moe's main, emulated, FP32) to
-the CPU twin's: the same data, schedule, upcycling and updates, step after step.
+tests/emu/run.sh (emulated) and tests/gpu_tests.sh (on a GPU) to hold the GPU engine's own
+training loop (train_moe's main, FP32) to the CPU twin's: the same data, schedule, upcycling and
+updates, step after step.
 """
 import re
 import sys
@@ -41,7 +44,15 @@ def unit(text):
     return 10.0 ** (-digits + (int(exponent) if exponent else 0))
 
 
+def options(states):
+    return ("-m {0}/dense.bin -i {0}/shard.bin -j {0}/shard.bin -b 4 -t 16 -d 128 -x 4 -l 1e-3 -s 0 -v 2 --val-steps 2 "
+            "--stats-every 0 -e 8 -k 2 --init drop --z-loss 0.001".format(states))
+
+
 def main():
+    if sys.argv[1] == "--options":
+        print(options(sys.argv[2]))
+        return 0
     name, log_a, log_b = sys.argv[1:4]
     tolerance = float(sys.argv[4]) if len(sys.argv) > 4 else 1e-5
     a, b = values(log_a), values(log_b)

@@ -360,8 +360,7 @@ if [ -x "$bin" ]; then
 fi
 # train_moe's own loop (its main: uploads, accumulation, validation, updates) against the twin's, in
 # FP32: the same command, 4 steps of 2 micro-batches each, Drop-Upcycling, aux and z losses
-SAME_RUN="-m $STATES/dense.bin -i $STATES/shard.bin -j $STATES/shard.bin $GEOMETRY -d 128 -x 4 -l 1e-3 -s 0 -v 2 --val-steps 2 \
-    --stats-every 0 -e 8 -k 2 --init drop --z-loss 0.001"
+SAME_RUN=$(${PYTHON_ANY:-python3} tests/same_run.py --options "$STATES")
 bin=$(binary train_moe FP32 forward)
 if [ -x "$bin" ] && [ -x ./train_moe_cpu ]; then
     throttle
