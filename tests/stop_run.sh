@@ -21,13 +21,14 @@ if [ "${1:-}" = double ]; then double=1; shift; fi
 rm -rf "$dir"
 mkdir -p "$dir"
 
-# wait_for PATTERN FILE PID: until FILE has a line matching PATTERN, or PID has ended (10 min at most)
+# wait_for PATTERN FILE PID: until FILE has a line matching PATTERN, or PID has ended (10 min at
+# most), looking every 10 ms: the second signal must land well within the step under way
 wait_for() {
     local i
-    for ((i = 0; i < 12000; i++)); do
+    for ((i = 0; i < 60000; i++)); do
         grep -q -E "$1" "$2" 2>/dev/null && return 0
         kill -0 "$3" 2>/dev/null || return 1
-        sleep 0.05
+        sleep 0.01
     done
     return 1
 }
