@@ -902,6 +902,13 @@ static void router_dlogits(DeviceRouting* r, const ModelConfig* cfg, float alpha
     cudaCheckLaunch();
 }
 
+// drouterw (E, C) += the partial sums of n tokens' chunks, in chunk order
+static void router_weight_grad_sum(float* drouterw, const float* partial, int n, int C, int E, cudaStream_t stream) {
+    int chunks = ceil_div_int(n, ROUTER_TOKEN_CHUNK);
+    router_weight_grad_sum_kernel<<<ceil_div_int((long long)E * C, 256), 256, 0, stream>>>(drouterw, partial, chunks, C, E);
+    cudaCheckLaunch();
+}
+
 // from dz = r->dlogits (n, E): dh (n, C) += dz . routerw (E, C), and drouterw (E, C) += dz^T h, as
 // partial sums over chunks of ROUTER_TOKEN_CHUNK tokens (r->drouterw_partial), then the chunks in
 // order
@@ -914,9 +921,7 @@ static void router_products_backward(floatX* dh, float* drouterw, const DeviceRo
     RouterGemm<float, floatX, float> dw_product = {
         r->drouterw_partial, C, (size_t)E * C, r->dlogits, 1, (size_t)E, h, (size_t)C, 1, E, C, n, ROUTER_TOKEN_CHUNK};
     router_gemm<false, false>(dw_product, stream);
-    int chunks = ceil_div_int(n, ROUTER_TOKEN_CHUNK);
-    router_weight_grad_sum_kernel<<<ceil_div_int((long long)E * C, 256), 256, 0, stream>>>(drouterw, r->drouterw_partial, chunks, C, E);
-    cudaCheckLaunch();
+    router_weight_grad_sum(drouterw, r->drouterw_partial, n, C, E, stream);
 }
 
 static void router_backward(floatX* dh, float* drouterw, DeviceRouting* r, const floatX* h, const float* routerw, const ModelConfig* cfg,

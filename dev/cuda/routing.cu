@@ -271,8 +271,7 @@ static void run_backward(int version, floatX* dh, float* drouterw, DeviceRouting
         router_weight_grad_partial_v1_kernel<<<dim3(chunks, ceil_div_int(C, 128), E), 128, 0, stream>>>(r->drouterw_partial, r->dlogits, h,
                                                                                                         n, C, E);
         cudaCheckLaunch();
-        router_weight_grad_sum_kernel<<<ceil_div_int((long long)E * C, 256), 256, 0, stream>>>(drouterw, r->drouterw_partial, chunks, C, E);
-        cudaCheckLaunch();
+        router_weight_grad_sum(drouterw, r->drouterw_partial, n, C, E, stream);
     } else {
         router_products_backward(dh, drouterw, r, h, routerw, n, C, E, stream);
     }
