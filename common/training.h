@@ -7,6 +7,7 @@ own forward, backward and update between these.
 */
 #pragma once
 
+#include <atomic>
 #include <cmath>
 #include <csignal>
 #include <string>
@@ -169,15 +170,19 @@ static inline void run_save_checkpoint(TrainingRun* run, int step, const float* 
 // the checkpoints already written are intact either way (each file is written whole, then
 // renamed). Until the training loop starts, a signal stops at once: nothing is lost yet.
 
-static volatile sig_atomic_t run_stop_signal = 0;  // the first signal received, 0 while none
+// The first signal received, 0 while none. Atomic, not just volatile: a signal sent to the process
+// goes to any of its threads (OpenMP's, the CUDA driver's), so two signals that arrive together
+// may run the handler on two threads at once; the compare-and-swap lets exactly one of them be the first.
+static std::atomic<int> run_stop_signal(0);
+static_assert(std::atomic<int>::is_always_lock_free, "a signal handler may use only lock-free atomics");
 
 static void run_on_stop_signal(int sig) {
-    if (run_stop_signal != 0) {  // the second: the default action, which ends the process
+    int none = 0;
+    if (!run_stop_signal.compare_exchange_strong(none, sig)) {  // the second: the default action, which ends the process
         signal(sig, SIG_DFL);
         raise(sig);
         return;
     }
-    run_stop_signal = sig;
     // only async-signal-safe calls in a handler: write(2), not printf
     static const char msg[] = "\nstop requested: the run stops after this step, with a checkpoint if -o is given (again: stop now)\n";
     ssize_t written = write(STDERR_FILENO, msg, sizeof(msg) - 1);
@@ -223,7 +228,10 @@ static inline bool run_stop_due(const TrainingRun* run, int step) {
 // the process's exit status: 0, or 128 + the signal's number after a stop (130 for SIGINT, 143
 // for SIGTERM, what a shell reports for a process the signal ended), so that a script tells an
 // interrupted run from a finished one
-static inline int run_exit_status() { return run_stop_signal == 0 ? 0 : 128 + run_stop_signal; }
+static inline int run_exit_status() {
+    int sig = run_stop_signal;
+    return sig == 0 ? 0 : 128 + sig;
+}
 
 static inline bool run_validation_due(const TrainingRun* run, int step) {
     return run->have_val && ((run->args.val_every > 0 && step % run->args.val_every == 0) || step == run->max_steps);
