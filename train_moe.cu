@@ -76,17 +76,15 @@ struct LayerActivations {
 // pinned staging buffers alternate, so filling one never races the copies of the other.
 struct BatchBuffers {
     int N;
-    int* device;             // (5N+1): inputs (N), targets (N), positions (N), starts (N+1), bucket tokens (N)
+    int* device;             // inputs (N), targets (N), then the buckets' arrays (encoder_chunk_ints(N))
     int* staging[2];         // pinned host copies of the same layout
     cudaEvent_t uploaded[2];
     int next;                // the staging buffer the next upload fills
     int current, n;          // the staging buffer and tokens of the last upload
-    int num_buckets;         // of the last upload; -1 until batch_upload_buckets
     int* inputs;             // pointers into `device`
     int* targets;
-    int* positions;
-    int* starts;
-    int* bucket_tokens;
+    EncoderChunks chunks;    // into `device`, with the counts of the last batch_upload_buckets
+    bool chunks_ready;       // false until batch_upload_buckets (a forward needs only the tokens)
 };
 
 // device scalars summed over a step: index into Model::step_scalars
@@ -136,7 +134,7 @@ struct Model {
 };
 
 // the ints of the batch layout for up to N tokens (BatchBuffers::device)
-static size_t batch_ints(int N) { return 5 * (size_t)N + 1; }
+static size_t batch_ints(int N) { return 2 * (size_t)N + encoder_chunk_ints(N); }
 
 // the batch's device buffer, added to the model's list (batch_init once it is allocated)
 static void batch_add_buffers(BatchBuffers* b, DeviceBuffers* d, int N) {
@@ -154,12 +152,10 @@ static void batch_init(BatchBuffers* b) {
     b->next = 0;
     b->current = 0;
     b->n = 0;
-    b->num_buckets = -1;
+    b->chunks_ready = false;
     b->inputs = b->device;
     b->targets = b->device + N;
-    b->positions = b->device + 2 * N;
-    b->starts = b->device + 3 * N;
-    b->bucket_tokens = b->device + 4 * N + 1;
+    b->chunks = encoder_chunks_at(b->device + 2 * N, N);
 }
 
 // Uploads the tokens (and targets, or zeros) of an n-token batch: all that a forward needs. Waits
@@ -171,7 +167,7 @@ static void batch_upload_tokens(BatchBuffers* b, const int* inputs, const int* t
     cudaCheck(cudaEventSynchronize(b->uploaded[slot]));
     b->current = slot;
     b->n = n;
-    b->num_buckets = -1;
+    b->chunks_ready = false;
     int* h = b->staging[slot];
     int N = b->N;
     memcpy(h, inputs, n * sizeof(int));
@@ -181,12 +177,17 @@ static void batch_upload_tokens(BatchBuffers* b, const int* inputs, const int* t
 }
 
 // The encoder backward's buckets of the last batch_upload_tokens, sorted on the host (a stable sort
-// of B T positions: milliseconds at B=64, T=1024) and uploaded. The training loop calls it after
-// launching the forward, so that the GPU computes while the host sorts; the backward needs it.
+// of B T positions: milliseconds at B=64, T=1024), cut into chunks and uploaded. The training loop
+// calls it after launching the forward, so that the GPU computes while the host sorts; the
+// backward needs it.
 static void batch_upload_buckets(BatchBuffers* b, cudaStream_t stream) {
     int* h = b->staging[b->current];
     int N = b->N;
-    b->num_buckets = encoder_prepare_buckets(h, b->n, h + 2 * N, h + 3 * N, h + 4 * N + 1);
+    EncoderChunks host = encoder_chunks_at(h + 2 * N, N);
+    encoder_prepare_chunks(h, b->n, &host);
+    b->chunks.num_chunks = host.num_chunks;
+    b->chunks.num_split = host.num_split;
+    b->chunks_ready = true;
     cudaCheck(cudaMemcpyAsync(b->device + 2 * N, h + 2 * N, (batch_ints(N) - 2 * (size_t)N) * sizeof(int), cudaMemcpyHostToDevice, stream));
     cudaCheck(cudaEventRecord(b->uploaded[b->current], stream));
 }
@@ -271,7 +272,8 @@ static size_t model_add_buffers(Model* m, const ModelConfig* cfg, int B, int T, 
     // the largest scratch any kernel asks for; the widest matmul's bias sums are the classifier's or fc's
     size_t widest = std::max((size_t)4 * C, (size_t)Vp);
     size_t scratch = std::max({layernorm_backward_scratch_floats(N, C), matmul_backward_scratch_floats(N, (int)widest),
-                               attention_backward_scratch_floats(B, T, NH), global_norm_scratch_floats(P)});
+                               attention_backward_scratch_floats(B, T, NH), global_norm_scratch_floats(P),
+                               encoder_backward_scratch_floats(N, C)});
     buffers_add(d, &m->scratch, scratch);
     buffers_add(d, &m->step_scalars, NUM_SCALARS);
     return parameter_bytes;
@@ -474,8 +476,8 @@ static void model_backward(Model* m, float loss_scale) {
         matmul_backward(dln1, g.qkvw + lc * 3 * C, g.qkvb + lc * 3, m->scratch, m->dqkv, a.ln1, p.qkvw + lc * 3 * C, N, C, 3 * C, s);
         layernorm_backward(m->dresidual, g.ln1w + lc, g.ln1b + lc, m->scratch, dln1, residual, p.ln1w + lc, a.ln1_mean, a.ln1_rstd, N, C, s);
     }
-    if (m->batch.num_buckets < 0) { die("model_backward: the batch's encoder buckets were not uploaded (batch_upload_buckets)"); }
-    encoder_backward(g.wte, g.wpe, m->dresidual, m->batch.positions, m->batch.starts, m->batch.bucket_tokens, m->batch.num_buckets, B, T, C, s);
+    if (!m->batch.chunks_ready) { die("model_backward: the batch's encoder buckets were not uploaded (batch_upload_buckets)"); }
+    encoder_backward(g.wte, g.wpe, m->scratch, m->dresidual, m->batch.chunks, B, T, C, s);
 }
 
 // The global gradient norm (into the step's scalars, for the clipping inside AdamW) and AdamW
