@@ -2,12 +2,13 @@
 Layer norm, out = (x - mean) * rstd * w + b with rstd = 1/sqrt(var + 1e-5) (population
 variance), fused with the residual add that precedes every layer norm of a block, and its
 backward. One warp per row; fp32 statistics. The weight and bias gradients sum over rows: each
-block of LN_ROWS_PER_BLOCK rows writes its partial sums into scratch, and a second kernel adds
-the partials in block order, so the result is the same on every run.
+block of LN_ROWS_PER_BLOCK rows writes its partial sums into scratch, and column_sums
+(reduce.cuh) adds the partials in a fixed order, so the result is the same on every run.
 */
 #pragma once
 
 #include "common.cuh"
+#include "reduce.cuh"
 
 #define LN_ROWS_PER_BLOCK 32
 
@@ -95,18 +96,6 @@ __global__ void layernorm_backward_partials_kernel(float* partials, const floatX
     }
 }
 
-__global__ void layernorm_backward_sum_kernel(float* dweight, float* dbias, const float* partials, int blocks, int C) {
-    int c = blockIdx.x * blockDim.x + threadIdx.x;
-    if (c >= C) { return; }
-    float dw = 0.0f, db = 0.0f;
-    for (int b = 0; b < blocks; b++) {
-        dw += partials[(size_t)b * 2 * C + c];
-        db += partials[(size_t)b * 2 * C + C + c];
-    }
-    dweight[c] += dw;
-    dbias[c] += db;
-}
-
 // ----------------------------------------------------------------------------
 // kernel launchers
 
@@ -133,6 +122,6 @@ static void layernorm_backward(floatX* dinp, float* dweight, float* dbias, float
     int blocks = ceil_div_int(N, LN_ROWS_PER_BLOCK);
     layernorm_backward_partials_kernel<<<blocks, 256, 0, stream>>>(scratch, dout, inp, mean, rstd, N, C);
     cudaCheckLaunch();
-    layernorm_backward_sum_kernel<<<ceil_div_int(C, 256), 256, 0, stream>>>(dweight, dbias, scratch, blocks, C);
-    cudaCheckLaunch();
+    column_sums(dweight, scratch, 2 * (size_t)C, blocks, C, stream);
+    column_sums(dbias, scratch + C, 2 * (size_t)C, blocks, C, stream);
 }

@@ -2,7 +2,8 @@
 The dense matmuls, through cuBLASLt: out (N, OC) = inp (N, C) @ weight^T + bias, with weight
 (OC, C) row-major as in llm.c, the bias added in cuBLASLt's epilogue; and the backward,
 dinp = dout @ weight, dweight += dout^T @ inp (fp32 gradients from floatX operands), dbias +=
-the column sums of dout (our own deterministic kernel).
+the column sums of dout (our own deterministic kernels: partial sums over blocks of 64 rows,
+then column_sums of reduce.cuh over the blocks).
 
 cuBLASLt is column-major. A row-major (R, K) matrix is the column-major (K, R) matrix with the
 same bytes, so, writing X' for the column-major view of X:
@@ -20,6 +21,7 @@ misaligned bias with its own kernel instead of the epilogue.
 #pragma once
 
 #include "common.cuh"
+#include "reduce.cuh"
 
 #if defined(ENABLE_FP32)
 static const cudaDataType_t CUDA_FLOATX = CUDA_R_32F;
@@ -69,14 +71,6 @@ __global__ void add_bias_kernel(floatX* out, const floatX* bias, int N, int OC) 
     size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= (size_t)N * OC) { return; }
     out[i] = from_float<floatX>(to_float(out[i]) + to_float(bias[i % OC]));
-}
-
-__global__ void column_sum_kernel(float* dbias, const float* partials, int blocks, int OC) {
-    int j = blockIdx.x * blockDim.x + threadIdx.x;
-    if (j >= OC) { return; }
-    float s = 0.0f;
-    for (int b = 0; b < blocks; b++) { s += partials[(size_t)b * OC + j]; }
-    dbias[j] += s;
 }
 
 // ----------------------------------------------------------------------------
@@ -174,7 +168,6 @@ static void matmul_backward(floatX* dinp, float* dweight, float* dbias, float* s
         int blocks = ceil_div_int(N, BIAS_ROWS_PER_BLOCK);
         column_partials_kernel<<<dim3(blocks, ceil_div_int(OC, 256)), 256, 0, stream>>>(scratch, dout, N, OC);
         cudaCheckLaunch();
-        column_sum_kernel<<<ceil_div_int(OC, 256), 256, 0, stream>>>(dbias, scratch, blocks, OC);
-        cudaCheckLaunch();
+        column_sums(dbias, scratch, OC, blocks, OC, stream);
     }
 }

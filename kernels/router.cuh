@@ -39,8 +39,8 @@ The kernels:
   E + 2 numbers per tile and the N log-sum-exps (the study's version 1 used E blocks that each
   read all N k choices, one block that went through every token's rows, and one every p).
   router_backward_kernel one warp per token: dw -> dp -> dz; then router_gemm_kernel for
-                         dh += dz . Wr and dWr's partial sums, router_weight_grad_sum_kernel for
-                         the chunks in order.
+                         dh += dz . Wr and dWr's partial sums, column_sums (reduce.cuh) for
+                         the chunks.
 Every sum has a fixed order: two runs give the same bits.
 */
 #pragma once
@@ -51,6 +51,7 @@ Every sum has a fixed order: two runs give the same bits.
 #include <vector>
 
 #include "common.cuh"
+#include "reduce.cuh"
 #include "../common/model_config.h"
 
 #define ROUTE_THREADS 1024      // the blocks of route_keep_kernel and route_offsets_kernel
@@ -126,7 +127,7 @@ struct DeviceRouting {
 //   logits   Z (n, E)   = H (n, C) . Wr (E, C)^T                       router_logits
 //   dh       dH (n, C) += dZ (n, E) . Wr (E, C)                        router_backward
 //   dWr      partial[chunk] (E, C) = dZ^T . H over the chunk's 128 tokens, then the chunks summed
-//            in chunk order (router_weight_grad_sum_kernel)             router_backward
+//            (column_sums, reduce.cuh)                                  router_backward
 // One kernel for the three: out (M, N) = sum over k of A(m, k) B(k, n), where A(m, k) is
 // A[m a_m + k a_k] and B(k, n) is B[k b_k + n b_n] (one of each pair of strides is 1). A block
 // computes a TM x TN tile (TM TN = 4096, a 4 x 4 square of outputs per thread), taking k in
@@ -717,15 +718,6 @@ __global__ void router_backward_kernel(float* dlogits, const float* drow_weight,
     for (int e = lane; e < E; e += WARP_SIZE) { dlogits[(size_t)t * E + e] = p[e] * (dp[e] - pdp) + z_term * p[e]; }
 }
 
-// drouterw[e][c] += the chunks' partial sums, in chunk order
-__global__ void router_weight_grad_sum_kernel(float* drouterw, const float* partial, int chunks, int C, int E) {
-    int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= E * C) { return; }
-    float acc = 0.0f;
-    for (int chunk = 0; chunk < chunks; chunk++) { acc += partial[(size_t)chunk * E * C + i]; }
-    drouterw[i] += acc;
-}
-
 // stats += this forward's assignments, counts, entropy sum (route_offsets_kernel's) and tokens;
 // one block of at least E threads
 __global__ void routing_stats_kernel(double* stats, const int* assignments, const int* counts, const double* entropy, int N, int E) {
@@ -893,7 +885,7 @@ static void router_forward(DeviceRouting* r, const floatX* h, const float* route
 // micro-batch's loss scale. Two steps:
 //   router_dlogits          dz = dL/dlogits of every token (router_backward_kernel);
 //   router_products_backward  dh += dz . Wr and dWr += dz^T h (router_gemm_kernel, then
-//                           router_weight_grad_sum_kernel).
+//                           column_sums over the chunks).
 static void router_dlogits(DeviceRouting* r, const ModelConfig* cfg, float alpha, float beta, int n, cudaStream_t stream) {
     int E = cfg->num_experts, k = cfg->router == ROUTER_EXPERT ? 0 : cfg->top_k, warps = router_warps_per_block(E);
     router_backward_kernel<<<ceil_div_int(n, warps), warps * WARP_SIZE, router_shared_bytes(E), stream>>>(
@@ -902,16 +894,15 @@ static void router_dlogits(DeviceRouting* r, const ModelConfig* cfg, float alpha
     cudaCheckLaunch();
 }
 
-// drouterw (E, C) += the partial sums of n tokens' chunks, in chunk order
+// drouterw (E, C) += the partial sums of n tokens' chunks (column_sums: a fixed order)
 static void router_weight_grad_sum(float* drouterw, const float* partial, int n, int C, int E, cudaStream_t stream) {
     int chunks = ceil_div_int(n, ROUTER_TOKEN_CHUNK);
-    router_weight_grad_sum_kernel<<<ceil_div_int((long long)E * C, 256), 256, 0, stream>>>(drouterw, partial, chunks, C, E);
-    cudaCheckLaunch();
+    column_sums(drouterw, partial, (size_t)E * C, chunks, E * C, stream);
 }
 
 // from dz = r->dlogits (n, E): dh (n, C) += dz . routerw (E, C), and drouterw (E, C) += dz^T h, as
-// partial sums over chunks of ROUTER_TOKEN_CHUNK tokens (r->drouterw_partial), then the chunks in
-// order
+// partial sums over chunks of ROUTER_TOKEN_CHUNK tokens (r->drouterw_partial), then their column
+// sums over the chunks
 static void router_products_backward(floatX* dh, float* drouterw, const DeviceRouting* r, const floatX* h, const float* routerw, int n,
                                      int C, int E, cudaStream_t stream) {
     // A(t, e) = dz[t E + e], B(e, c) = routerw[e C + c]
