@@ -131,6 +131,8 @@ struct Model {
     // bits) into dhidden2, where d fch replaces it once the fcproj weight gradient has read it
     bool recompute;
     cudaStream_t stream;
+    Breakdown* breakdown;                        // --breakdown 1: where a step's time goes (else NULL)
+    std::vector<cudaEvent_t> breakdown_events;   // one per mark of a step, made as needed, reused
 };
 
 // the ints of the batch layout for up to N tokens (BatchBuffers::device)
@@ -334,13 +336,49 @@ static void model_init(Model* m, const ModelConfig* cfg, const float* host_param
     }
     cudaCheck(cudaMemset(m->step_scalars, 0, NUM_SCALARS * sizeof(float)));
     m->collect_stats = false;
+    m->breakdown = NULL;
     cudaCheck(cudaDeviceSynchronize());
 }
 
 static void model_free(Model* m) {
+    for (cudaEvent_t e : m->breakdown_events) { cudaCheck(cudaEventDestroy(e)); }
     buffers_free(&m->buffers);
     batch_free(&m->batch);
     cudaCheck(cudaStreamDestroy(m->stream));
+}
+
+// ----------------------------------------------------------------------------
+// --breakdown 1 (common/breakdown.h): an event on the stream as each part of a training step
+// begins, read once the step has ended (breakdown_read_step), so that nothing waits inside it
+
+static void mark(Model* m, int slot) {
+    Breakdown* b = m->breakdown;
+    if (!b || !b->recording) { return; }
+    size_t i = b->slots.size();
+    if (i == m->breakdown_events.size()) {
+        cudaEvent_t e;
+        cudaCheck(cudaEventCreate(&e));
+        m->breakdown_events.push_back(e);
+    }
+    cudaCheck(cudaEventRecord(m->breakdown_events[i], m->stream));
+    b->slots.push_back(slot);
+}
+static void mark_forward(Model* m, StepPart part) { mark(m, breakdown_slot(part, false)); }
+static void mark_backward(Model* m, StepPart part) { mark(m, breakdown_slot(part, true)); }
+
+// once the stream has passed the step's last mark (BREAKDOWN_END, after its update): the intervals
+static void breakdown_read_step(Model* m) {
+    Breakdown* b = m->breakdown;
+    if (!b || !b->recording) { return; }
+    int count = (int)b->slots.size();
+    cudaCheck(cudaEventSynchronize(m->breakdown_events[count - 1]));
+    std::vector<double> ms(count);
+    for (int i = 0; i + 1 < count; i++) {
+        float elapsed;
+        cudaCheck(cudaEventElapsedTime(&elapsed, m->breakdown_events[i], m->breakdown_events[i + 1]));
+        ms[i] = elapsed;
+    }
+    breakdown_add_step(b, ms.data(), count);
 }
 
 // ----------------------------------------------------------------------------
@@ -359,20 +397,25 @@ static void model_forward(Model* m, int B, int T, bool with_targets, float dloss
     const ParameterTensors<floatX>& p = m->params;
     cudaStream_t s = m->stream;
 
+    mark_forward(m, PART_ENCODER);
     encoder_forward(m->encoded, m->batch.inputs, p.wte, p.wpe, B, T, C, s);
+    mark_forward(m, PART_LAYERNORM);
     layernorm_forward(m->layers[0].ln1, m->layers[0].ln1_mean, m->layers[0].ln1_rstd, m->encoded, p.ln1w, p.ln1b, N, C, s);
     for (int l = 0; l < cfg->num_layers; l++) {
         LayerActivations& a = m->layers[l];
         const floatX* residual = l == 0 ? m->encoded : m->layers[l - 1].residual3;
         size_t lc = (size_t)l * C;
         // attention
+        mark_forward(m, PART_ATTENTION);
         matmul_forward(a.qkv, a.ln1, p.qkvw + lc * 3 * C, p.qkvb + lc * 3, N, C, 3 * C, s);
         attention_forward(a.atty, a.att_lse, a.qkv, B, T, C, NH, s);
         matmul_forward(m->mlp_out, a.atty, p.attprojw + lc * C, p.attprojb + lc, N, C, C, s);
+        mark_forward(m, PART_LAYERNORM);
         residual_layernorm_forward(a.residual2, a.ln2, a.ln2_mean, a.ln2_rstd, residual, m->mlp_out, p.ln2w + lc, p.ln2b + lc, N, C, s);
         // MLP, dense or MoE
         int ds = cfg->dense_slot[l];
         if (ds >= 0) {
+            mark_forward(m, PART_MLP);
             size_t dc = (size_t)ds * C;
             floatX* fch_gelu = m->recompute ? m->dhidden : a.fch_gelu;
             matmul_forward(a.fch, a.ln2, p.fcw + dc * 4 * C, p.fcb + dc * 4, N, C, 4 * C, s);
@@ -381,22 +424,31 @@ static void model_forward(Model* m, int B, int T, bool with_targets, float dloss
         } else {
             size_t ex = (size_t)cfg->moe_slot[l] * E;
             DeviceRouting* r = &a.routing;
+            mark_forward(m, PART_ROUTER);
             router_forward(r, a.ln2, m->master_t.routerw + ex * C, cfg, N, C, s);
+            mark_forward(m, PART_PERMUTE);
             permute_tokens(a.expert_input, a.ln2, r, C, s);
+            mark_forward(m, PART_EXPERTS);
             expert_mlp_forward(a.expert_output, a.expert_fch, m->recompute ? m->dhidden : a.expert_fch_gelu, a.expert_input,
                                r->expert_offsets, r->max_rows,
                                p.expert_fcw + ex * H * C, p.expert_fcb + ex * H, p.expert_fcprojw + ex * C * H, p.expert_fcprojb + ex * C,
                                E, C, H, s);
+            mark_forward(m, PART_UNPERMUTE);
             unpermute_tokens(m->mlp_out, a.expert_output, r, N, C, s);
-            if (m->collect_stats) { routing_stats_accumulate(r, s); }
+            if (m->collect_stats) {
+                mark_forward(m, PART_ROUTER);
+                routing_stats_accumulate(r, s);
+            }
         }
         // the residual, fused with the next layer norm (the next layer's ln1, or lnf)
         bool last = l == cfg->num_layers - 1;
         LayerActivations* next = last ? NULL : &m->layers[l + 1];
+        mark_forward(m, PART_LAYERNORM);
         residual_layernorm_forward(a.residual3, last ? m->lnf : next->ln1, last ? m->lnf_mean : next->ln1_mean,
                                    last ? m->lnf_rstd : next->ln1_rstd, a.residual2, m->mlp_out,
                                    last ? p.lnfw : p.ln1w + lc + C, last ? p.lnfb : p.ln1b + lc + C, N, C, s);
     }
+    mark_forward(m, PART_CLASSIFIER);
     matmul_forward(m->logits, m->lnf, p.wte, NULL, N, C, Vp, s);
     if (with_targets) { classifier_forward_backward(m->logits, m->losses, m->batch.targets, dloss, N, V, Vp, s); }
 }
@@ -405,6 +457,7 @@ static void model_forward(Model* m, int B, int T, bool with_targets, float dloss
 // device sums (the aux and z losses summed over MoE layers, before their coefficients).
 static void accumulate_losses(Model* m, float scale) {
     int N = m->batch_B * m->batch_T;
+    mark_forward(m, PART_CLASSIFIER);
     accumulate_sum(m->step_scalars + SCALAR_LOSS, m->losses, N, scale / N, m->stream);
     for (int l = 0; l < m->config.num_layers; l++) {
         if (m->config.moe_slot[l] < 0) { continue; }
@@ -427,9 +480,11 @@ static void model_backward(Model* m, float loss_scale) {
     cudaStream_t s = m->stream;
 
     // logits hold dlogits (the forward's classifier wrote them)
+    mark_backward(m, PART_CLASSIFIER);
     matmul_backward(m->dbuf, g.wte, NULL, m->scratch, m->logits, m->lnf, p.wte, N, C, Vp, s);
     cudaCheck(cudaMemsetAsync(m->dresidual, 0, (size_t)N * C * sizeof(floatX), s));
     const floatX* last = m->layers[cfg->num_layers - 1].residual3;
+    mark_backward(m, PART_LAYERNORM);
     layernorm_backward(m->dresidual, g.lnfw, g.lnfb, m->scratch, m->dbuf, last, p.lnfw, m->lnf_mean, m->lnf_rstd, N, C, s);
 
     for (int l = cfg->num_layers - 1; l >= 0; l--) {
@@ -440,6 +495,7 @@ static void model_backward(Model* m, float loss_scale) {
         floatX* dln2 = m->dbuf;
         int ds = cfg->dense_slot[l];
         if (ds >= 0) {
+            mark_backward(m, PART_MLP);
             size_t dc = (size_t)ds * C;
             const floatX* fch_gelu = a.fch_gelu;
             if (m->recompute) {
@@ -453,7 +509,9 @@ static void model_backward(Model* m, float loss_scale) {
         } else {
             size_t ex = (size_t)cfg->moe_slot[l] * E;
             DeviceRouting* r = &a.routing;
+            mark_backward(m, PART_UNPERMUTE);
             unpermute_tokens_backward(m->dexpert_output, r, m->dresidual, a.expert_output, C, s);
+            mark_backward(m, PART_EXPERTS);
             const floatX* fch_gelu = a.expert_fch_gelu;
             if (m->recompute) {
                 expert_gelu_recompute(m->dhidden2, a.expert_fch, r->expert_offsets, r->max_rows, E, H, s);
@@ -463,20 +521,26 @@ static void model_backward(Model* m, float loss_scale) {
                                 g.expert_fcprojb + ex * C, m->dhidden2, m->dhidden, m->dexpert_output, a.expert_input, a.expert_fch,
                                 fch_gelu, r->expert_offsets, r->max_rows, p.expert_fcw + ex * H * C, p.expert_fcprojw + ex * C * H,
                                 E, C, H, s);
+            mark_backward(m, PART_PERMUTE);
             permute_tokens_backward(dln2, m->dexpert_input, r, N, C, s);
+            mark_backward(m, PART_ROUTER);
             router_backward(dln2, g.routerw + ex * C, r, a.ln2, m->master_t.routerw + ex * C, cfg, m->aux_alpha * loss_scale,
                             m->z_beta * loss_scale, N, C, s);
         }
+        mark_backward(m, PART_LAYERNORM);
         layernorm_backward(m->dresidual, g.ln2w + lc, g.ln2b + lc, m->scratch, dln2, a.residual2, p.ln2w + lc, a.ln2_mean, a.ln2_rstd, N, C, s);
         // dresidual now holds d(residual2) = d(residual) + d(attention projection)
+        mark_backward(m, PART_ATTENTION);
         floatX* datty = m->dbuf;
         matmul_backward(datty, g.attprojw + lc * C, g.attprojb + lc, m->scratch, m->dresidual, a.atty, p.attprojw + lc * C, N, C, C, s);
         attention_backward(m->dqkv, m->scratch, datty, a.qkv, a.atty, a.att_lse, B, T, C, NH, s);
         floatX* dln1 = m->dbuf;
         matmul_backward(dln1, g.qkvw + lc * 3 * C, g.qkvb + lc * 3, m->scratch, m->dqkv, a.ln1, p.qkvw + lc * 3 * C, N, C, 3 * C, s);
+        mark_backward(m, PART_LAYERNORM);
         layernorm_backward(m->dresidual, g.ln1w + lc, g.ln1b + lc, m->scratch, dln1, residual, p.ln1w + lc, a.ln1_mean, a.ln1_rstd, N, C, s);
     }
     if (!m->batch.chunks_ready) { die("model_backward: the batch's encoder buckets were not uploaded (batch_upload_buckets)"); }
+    mark_backward(m, PART_ENCODER);
     encoder_backward(g.wte, g.wpe, m->scratch, m->dresidual, m->batch.chunks, B, T, C, s);
 }
 
@@ -484,6 +548,7 @@ static void model_backward(Model* m, float loss_scale) {
 // step t on every tensor, weight decay on the 2-D ones. Nothing waits for the GPU.
 static void model_update(Model* m, float lr, const OptimizerSettings* o, int t) {
     float* norm2 = m->step_scalars + SCALAR_NORM2;
+    mark_backward(m, PART_OPTIMIZER);
     global_norm_squared(norm2, m->grads, m->num_params, m->scratch, m->stream);
     size_t offset = 0;
     for (int i = 0; i < NUM_PARAMETER_TENSORS; i++) {
@@ -633,6 +698,7 @@ int main(int argc, char** argv) {
     double peak = peak_flops(&prop);
 
     model.collect_stats = true;
+    model.breakdown = run.breakdown.on ? &run.breakdown : NULL;
     run_catch_stop_signals();  // from here on, Ctrl-C or SIGTERM stops at the next step, with a checkpoint
     for (int step = run.start_step; step <= run.max_steps; step++) {
         if (run_checkpoint_due(&run, step)) {
@@ -649,6 +715,8 @@ int main(int argc, char** argv) {
         if (step == run.max_steps) { break; }
 
         double t0 = seconds_now();
+        breakdown_begin_step(&run.breakdown);
+        mark_backward(&model, PART_OPTIMIZER);
         model_zero_grad(&model);
         float scale = 1.0f / run.grad_accum;
         for (int micro = 0; micro < run.grad_accum; micro++) {
@@ -661,8 +729,10 @@ int main(int argc, char** argv) {
         }
         float lr = learning_rate_at(&run.schedule, step);
         model_update(&model, lr, &run.optimizer, run.adam_step_offset + step + 1);
+        mark(&model, BREAKDOWN_END);
         float sums[NUM_SCALARS];
         read_step_scalars(&model, sums);
+        breakdown_read_step(&model);
         run_print_step(&run, step + 1, sums[SCALAR_LOSS], sums[SCALAR_AUX], sums[SCALAR_Z], sqrtf(sums[SCALAR_NORM2]), lr,
                        seconds_now() - t0, peak);
         if (step == run.start_step) {
@@ -675,6 +745,7 @@ int main(int argc, char** argv) {
             report_routing(&model, &run, step + 1);
         }
     }
+    breakdown_print(&run.breakdown);
     run_free(&run);
     model_free(&model);
     matmul_teardown();

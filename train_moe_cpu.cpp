@@ -811,7 +811,16 @@ struct Model {
     float z_loss;               // z-loss summed over MoE layers (before beta)
     bool collect_stats;         // accumulate routing statistics (training batches only)
     std::vector<RoutingStats> stats;  // per MoE layer
+    Breakdown* breakdown;       // --breakdown 1: where a step's time goes (else NULL)
 };
+
+// --breakdown 1 (common/breakdown.h): the host clock as each part of a training step begins
+static void mark_forward(Model* m, StepPart part) {
+    if (m->breakdown) { breakdown_mark_host(m->breakdown, breakdown_slot(part, false), seconds_now()); }
+}
+static void mark_backward(Model* m, StepPart part) {
+    if (m->breakdown) { breakdown_mark_host(m->breakdown, breakdown_slot(part, true), seconds_now()); }
+}
 
 static float* alloc_floats(size_t n) { return (float*)calloc_check(n, sizeof(float)); }
 
@@ -896,6 +905,7 @@ static void model_init(Model* m, const ModelConfig* cfg, float* params, int B, i
     m->mlp_out = alloc_floats(N * C);
     m->mean_loss = -1.0f;
     m->collect_stats = false;
+    m->breakdown = NULL;
     m->stats.assign(cfg->num_moe_layers, RoutingStats());
 }
 
@@ -925,12 +935,17 @@ static void moe_forward(Model* m, int l, int N, float* out) {
     int ms = cfg->moe_slot[l], C = cfg->channels, E = cfg->num_experts, H = cfg->expert_hidden;
     const ParameterTensors<float>& p = m->params;
     size_t ex = (size_t)ms * E;
+    mark_forward(m, PART_ROUTER);
     router_forward(a.router_logits, a.router_probs, a.ln2, p.routerw + ex * C, N, C, E);
     route_tokens(&a.routing, a.router_logits, a.router_probs, cfg, N);
+    mark_forward(m, PART_PERMUTE);
     permute_tokens(a.expert_input, a.ln2, a.routing.row_token, a.routing.num_rows, C);
+    mark_forward(m, PART_EXPERTS);
     expert_mlp_forward(a.expert_output, a.expert_fch, a.expert_fch_gelu, a.expert_input, a.routing.expert_offsets,
                        p.expert_fcw + ex * H * C, p.expert_fcb + ex * H, p.expert_fcprojw + ex * C * H, p.expert_fcprojb + ex * C, E, C, H);
+    mark_forward(m, PART_UNPERMUTE);
     unpermute_tokens(out, a.expert_output, &a.routing, N, C);
+    mark_forward(m, PART_ROUTER);
     float balance, zl;
     router_aux_losses(&balance, &zl, a.router_logits, a.router_probs, &a.routing, N, E);
     m->aux_loss += balance;
@@ -952,19 +967,24 @@ static void model_forward(Model* m, const int* inputs, const int* targets, int B
     const ParameterTensors<float>& p = m->params;
     m->aux_loss = 0.0f;
     m->z_loss = 0.0f;
+    mark_forward(m, PART_ENCODER);
     encoder_forward(m->encoded, inputs, p.wte, p.wpe, B, T, C);
     for (int l = 0; l < cfg->num_layers; l++) {
         LayerActivations& a = m->layers[l];
         const float* residual = l == 0 ? m->encoded : m->layers[l - 1].residual3;
         size_t lc = (size_t)l * C;
+        mark_forward(m, PART_LAYERNORM);
         layernorm_forward(a.ln1, a.ln1_mean, a.ln1_rstd, residual, p.ln1w + lc, p.ln1b + lc, N, C);
+        mark_forward(m, PART_ATTENTION);
         matmul_forward(a.qkv, a.ln1, p.qkvw + lc * 3 * C, p.qkvb + lc * 3, N, C, 3 * C);
         attention_forward(a.atty, a.att, a.qkv, B, T, C, NH);
         matmul_forward(m->mlp_out, a.atty, p.attprojw + lc * C, p.attprojb + lc, N, C, C);
+        mark_forward(m, PART_LAYERNORM);
         residual_forward(a.residual2, residual, m->mlp_out, (size_t)N * C);
         layernorm_forward(a.ln2, a.ln2_mean, a.ln2_rstd, a.residual2, p.ln2w + lc, p.ln2b + lc, N, C);
         int ds = cfg->dense_slot[l];
         if (ds >= 0) {
+            mark_forward(m, PART_MLP);
             size_t dc = (size_t)ds * C;
             matmul_forward(a.fch, a.ln2, p.fcw + dc * 4 * C, p.fcb + dc * 4, N, C, 4 * C);
             gelu_forward(a.fch_gelu, a.fch, (size_t)N * 4 * C);
@@ -972,10 +992,12 @@ static void model_forward(Model* m, const int* inputs, const int* targets, int B
         } else {
             moe_forward(m, l, N, m->mlp_out);
         }
+        mark_forward(m, PART_LAYERNORM);
         residual_forward(a.residual3, a.residual2, m->mlp_out, (size_t)N * C);
     }
     const float* last = m->layers[cfg->num_layers - 1].residual3;
     layernorm_forward(m->lnf, m->lnf_mean, m->lnf_rstd, last, p.lnfw, p.lnfb, N, C);
+    mark_forward(m, PART_CLASSIFIER);
     matmul_forward(m->logits, m->lnf, p.wte, NULL, N, C, Vp);
     m->mean_loss = -1.0f;
     if (targets) {
@@ -1004,12 +1026,14 @@ static void model_backward(Model* m, float loss_scale) {
     const ParameterTensors<float>& p = m->params;
     ParameterTensors<float>& g = m->grads;
 
+    mark_backward(m, PART_CLASSIFIER);
     classifier_backward(m->logits, m->logit_max, m->logit_sum, m->targets, loss_scale / N, N, V, Vp);
     float* dlogits = m->logits;
     memset(m->dbuf_c, 0, (size_t)N * C * sizeof(float));
     matmul_backward(m->dbuf_c, g.wte, NULL, dlogits, m->lnf, p.wte, N, C, Vp);
     memset(m->dresidual, 0, (size_t)N * C * sizeof(float));
     const float* last = m->layers[cfg->num_layers - 1].residual3;
+    mark_backward(m, PART_LAYERNORM);
     layernorm_backward(m->dresidual, g.lnfw, g.lnfb, m->dbuf_c, last, p.lnfw, m->lnf_mean, m->lnf_rstd, N, C);
 
     for (int l = cfg->num_layers - 1; l >= 0; l--) {
@@ -1021,6 +1045,7 @@ static void model_backward(Model* m, float loss_scale) {
         memset(dln2, 0, (size_t)N * C * sizeof(float));
         int ds = cfg->dense_slot[l];
         if (ds >= 0) {
+            mark_backward(m, PART_MLP);
             size_t dc = (size_t)ds * C;
             memset(m->dfch_gelu, 0, (size_t)N * 4 * C * sizeof(float));
             memset(m->dfch, 0, (size_t)N * 4 * C * sizeof(float));
@@ -1031,19 +1056,25 @@ static void model_backward(Model* m, float loss_scale) {
             int ms = cfg->moe_slot[l];
             size_t ex = (size_t)ms * E;
             Routing& r = a.routing;
+            mark_backward(m, PART_UNPERMUTE);
             memset(m->dexpert_output, 0, (size_t)r.num_rows * C * sizeof(float));
             memset(m->dexpert_input, 0, (size_t)r.num_rows * C * sizeof(float));
             memset(m->drow_weight, 0, (size_t)r.num_rows * sizeof(float));
             unpermute_tokens_backward(m->dexpert_output, m->drow_weight, m->dresidual, a.expert_output, &r, C);
+            mark_backward(m, PART_EXPERTS);
             expert_mlp_backward(m->dexpert_input, g.expert_fcw + ex * H * C, g.expert_fcb + ex * H, g.expert_fcprojw + ex * C * H,
                                 g.expert_fcprojb + ex * C, m->dfch, m->dfch_gelu, m->dexpert_output, a.expert_input, a.expert_fch,
                                 a.expert_fch_gelu, r.expert_offsets, p.expert_fcw + ex * H * C, p.expert_fcprojw + ex * C * H, E, C, H);
+            mark_backward(m, PART_PERMUTE);
             permute_tokens_backward(dln2, m->dexpert_input, &r, N, C);
+            mark_backward(m, PART_ROUTER);
             router_backward(dln2, g.routerw + ex * C, m->drouter_logits, m->drow_weight, &r, a.router_logits, a.router_probs, a.ln2,
                             p.routerw + ex * C, cfg, m->aux_alpha * loss_scale, m->z_beta * loss_scale, N, C);
         }
+        mark_backward(m, PART_LAYERNORM);
         layernorm_backward(m->dresidual, g.ln2w + lc, g.ln2b + lc, dln2, a.residual2, p.ln2w + lc, a.ln2_mean, a.ln2_rstd, N, C);
         // dresidual now holds d(residual2) = d(residual) + d(attention projection)
+        mark_backward(m, PART_ATTENTION);
         float* datty = m->dbuf_c;
         memset(datty, 0, (size_t)N * C * sizeof(float));
         matmul_backward(datty, g.attprojw + lc * C, g.attprojb + lc, m->dresidual, a.atty, p.attprojw + lc * C, N, C, C);
@@ -1052,8 +1083,10 @@ static void model_backward(Model* m, float loss_scale) {
         float* dln1 = m->dbuf_c2;
         memset(dln1, 0, (size_t)N * C * sizeof(float));
         matmul_backward(dln1, g.qkvw + lc * 3 * C, g.qkvb + lc * 3, m->dqkv, a.ln1, p.qkvw + lc * 3 * C, N, C, 3 * C);
+        mark_backward(m, PART_LAYERNORM);
         layernorm_backward(m->dresidual, g.ln1w + lc, g.ln1b + lc, dln1, residual, p.ln1w + lc, a.ln1_mean, a.ln1_rstd, N, C);
     }
+    mark_backward(m, PART_ENCODER);
     encoder_backward(g.wte, g.wpe, m->dresidual, m->inputs, B, T, C);
 }
 
@@ -1077,6 +1110,7 @@ static float model_grad_norm(const Model* m) {
 // that is below 1) and takes AdamW step t (1-based) at learning rate lr. Returns the norm
 // before clipping. The update follows torch.optim.AdamW: decay first, then the Adam step.
 static float model_update(Model* m, float lr, const OptimizerSettings* o, int t) {
+    mark_backward(m, PART_OPTIMIZER);
     float norm = model_grad_norm(m);
     float grad_scale = 1.0f;
     if (o->grad_clip > 0) {
@@ -1170,6 +1204,7 @@ int main(int argc, char** argv) {
 #endif
 
     model.collect_stats = true;
+    model.breakdown = run.breakdown.on ? &run.breakdown : NULL;
     run_catch_stop_signals();  // from here on, Ctrl-C or SIGTERM stops at the next step, with a checkpoint
     for (int step = run.start_step; step <= run.max_steps; step++) {
         if (run_checkpoint_due(&run, step)) {
@@ -1185,6 +1220,8 @@ int main(int argc, char** argv) {
         if (step == run.max_steps) { break; }
 
         double t0 = seconds_now();
+        breakdown_begin_step(&run.breakdown);
+        mark_backward(&model, PART_OPTIMIZER);
         model_zero_grad(&model);
         double loss = 0.0, aux = 0.0, zl = 0.0;
         for (int micro = 0; micro < run.grad_accum; micro++) {
@@ -1197,12 +1234,14 @@ int main(int argc, char** argv) {
         }
         float lr = learning_rate_at(&run.schedule, step);
         float norm = model_update(&model, lr, &run.optimizer, run.adam_step_offset + step + 1);
+        breakdown_end_step_host(&run.breakdown, seconds_now());
         run_print_step(&run, step + 1, loss, aux, zl, norm, lr, seconds_now() - t0, 0.0);
         if (run_routing_report_due(&run, step + 1)) {
             run_routing_report_header(&run, step + 1);
             report_routing(&model, &run, step + 1);
         }
     }
+    breakdown_print(&run.breakdown);
     run_free(&run);
     model_free(&model);
     return run_exit_status();

@@ -47,6 +47,7 @@ struct TrainArgs {
     int gen_tokens;
     int checkpoint_every;
     int stats_every;
+    int breakdown;
     // Mixture of Experts
     int experts;
     int topk;
@@ -117,6 +118,7 @@ static inline std::vector<Option> option_table(TrainArgs* a) {
         {'g', "gen-tokens", OPT_INT, &a->gen_tokens, "64", 1, 1 << 20, NULL, NULL, "tokens per sample"},
         {'n', "checkpoint-every", OPT_INT, &a->checkpoint_every, "0", 0, 1 << 30, NULL, NULL, "write model and resume state every this many steps (0: only at the end); needs -o"},
         {0, "stats-every", OPT_INT, &a->stats_every, "20", 0, 1 << 30, NULL, NULL, "print per-layer expert load, dropped fraction and routing entropy every this many steps (0: never)"},
+        {0, "breakdown", OPT_INT, &a->breakdown, "0", 0, 1, NULL, NULL, "1: time each part of a step (encoder, attention, MLP, the MoE router, permutation, experts, un-permutation, classifier, optimizer) and print where the time went at the end"},
 
         {'e', "experts", OPT_INT, &a->experts, "1", 1, 1024, NULL, "mixture of experts", "experts E per MoE layer (1: the dense model, no upcycling)"},
         {'k', "topk", OPT_INT, &a->topk, "2", 1, 1024, NULL, NULL, "experts k per token"},

@@ -13,6 +13,7 @@ own forward, backward and update between these.
 #include <string>
 #include <time.h>
 #include "args.h"
+#include "breakdown.h"
 #include "dataloader.h"
 #include "logger.h"
 #include "model_config.h"
@@ -47,6 +48,7 @@ struct TrainingRun {
     int adam_step_offset;       // AdamW's step is adam_step_offset + step + 1
     double flops_per_token;     // 6 N_active + 6 L C T, llm.c's estimate with active parameters
     int report_from;            // the first step the next routing report covers
+    Breakdown breakdown;        // --breakdown 1: the engine marks its steps' parts into it
 };
 
 static inline double seconds_now() {
@@ -62,6 +64,7 @@ static inline void run_init(TrainingRun* run) {
     // a line at a time, also into a file or a pipe (| tee): each step's line shows when it ends
     setvbuf(stdout, NULL, _IOLBF, 0);
     TrainArgs& a = run->args;
+    breakdown_init(&run->breakdown, a.breakdown != 0);
     run->have_output = !a.output_dir.empty();
     if (a.resume && !run->have_output) { die("-y 1 resumes from the checkpoints in the output directory: give it with -o"); }
     if (run->have_output) { make_dir(a.output_dir.c_str()); }

@@ -2,7 +2,9 @@
 # The benchmark of design.md: GPT-2 124M shapes (d12), T=1024, bf16, on one GPU: dense (-e 1) and
 # MoE (8 experts, top-2, every other layer) side by side, tokens/s, MFU, ms per step (median of
 # the steps after warm-up) and peak memory, the MoE also with --recompute 0; then the PyTorch
-# reference on the same GPU.
+# reference on the same GPU; then each train_moe run's --breakdown table (the time of each part
+# of a step: the design's budget of 5% for routing, permutation and un-permutation is the sum of
+# the MoE router, permute and unpermute rows).
 # Usage: scripts/bench.sh [OUTFILE]   (B=8 STEPS=30 by default; needs the Tiny Shakespeare shards)
 set -u
 cd "$(dirname "$0")/.." || exit 1
@@ -13,6 +15,7 @@ DATA=dev/data/tinyshakespeare/tiny_shakespeare_train.bin
 [ -f "$DATA" ] || { echo "bench: no $DATA (run dev/data/prepare.py)"; exit 1; }
 [ -x ./train_moe ] || make -s train_moe || exit 1
 PYTHON=${PYTHON:-python3}
+rm -f /tmp/bench_*.log  # each train_moe run's log, from this run only
 
 # median of a column over the step lines after the first 5
 median() { grep -E '^step +[0-9]+/' | awk -v col="$1" 'NR > 5 { for (i = 1; i <= NF; i++) if ($i == col) print $(i - 1) }' | sort -g | awk '{ v[NR] = $1 } END { if (NR) print v[int((NR + 1) / 2)]; else print "n/a" }'; }
@@ -26,7 +29,7 @@ mfu() { grep -E '^step +[0-9]+/' | awk 'NR > 5 { for (i = 1; i <= NF; i++) if ($
         name=${entry%%|*}
         options=${entry#*|}
         # shellcheck disable=SC2086
-        log=$(./train_moe -m d12 $options -i "$DATA" -j "$DATA" -b "$B" -t 1024 -x "$STEPS" -v 0 --val-steps 1 -s 0 --stats-every 0 2>&1)
+        log=$(./train_moe -m d12 $options -i "$DATA" -j "$DATA" -b "$B" -t 1024 -x "$STEPS" -v 0 --val-steps 1 -s 0 --stats-every 0 --breakdown 1 2>&1)
         echo "$log" > "/tmp/bench_$(echo "$name" | tr -c 'a-zA-Z0-9' _).log"
         ms=$(echo "$log" | median ms)
         tps=$(echo "$log" | median tok/s)
@@ -41,5 +44,13 @@ mfu() { grep -E '^step +[0-9]+/' | awk 'NR > 5 { for (i = 1; i <= NF; i++) if ($
         ms=$(echo "$line" | grep -o 'median [0-9.]* ms' | awk '{print $2}')
         tps=$(echo "$line" | grep -o '[0-9.]* tokens/s' | awk '{print $1}')
         echo "| PyTorch reference (fp32) $name | ${ms:-n/a} | ${tps:-n/a} | | |"
+    done
+    # where each train_moe run's step went (--breakdown 1: CUDA events at each part, read after the step)
+    for log in /tmp/bench_*.log; do
+        echo
+        echo "$(basename "$log" .log):"
+        echo '```'
+        sed -n '/^where a step.s time went/,/^  total/p' "$log"
+        echo '```'
     done
 } > "$OUTFILE"

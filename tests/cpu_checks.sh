@@ -91,6 +91,11 @@ $REF make-dense --model 4:128:4:64 --vocab 100 --seed 7 --jitter 0.05 -o "$TMP/d
 run_checks stop tests/stop_run.sh train_moe_cpu "$TMP/stop" 20 double -- ./train_moe_cpu -m "$TMP/dense_c128.bin" -i "$SHARD" \
     -j "$SHARD" -b 8 -t 64 -s 0 -v 0 --stats-every 0 $MOE
 
+# --breakdown 1 times each part of a step and changes nothing (tests/breakdown.sh): an MoE run with
+# dense layers too (every2), so that every part of the table has work
+run_checks breakdown tests/breakdown.sh train_moe_cpu "$TMP/breakdown" -- ./train_moe_cpu -m "$DENSE" -i "$SHARD" -j "$SHARD" \
+    $GEOMETRY -s 0 -v 0 --stats-every 0 -e 4 -k 2
+
 # -e 1 writes llm.c's model file; the engine's MoE checkpoint is read by the reference
 # shellcheck disable=SC2086
 ./train_moe_cpu -m "$DENSE" -i "$SHARD" -j "$SHARD" $GEOMETRY -s 0 -e 1 -x 2 -o "$TMP/run_dense" > "$TMP/run_dense.out" 2>&1

@@ -6,7 +6,8 @@
 #      the register file (tests/kernel_resources.py, from ptxas's report: what no emulation sees);
 #      or, with CUDA_PREBUILT_BF16 and CUDA_PREBUILT_FP32, take the binaries in those folders;
 #   2. with a GPU: test_moe against the same reference states, and its invariants, both precisions,
-#      and train_moe's own loop (FP32) against the twin's (tests/same_run.py);
+#      train_moe's own loop (FP32) against the twin's (tests/same_run.py), and its --breakdown 1
+#      (tests/breakdown.sh);
 #      without one: train_moe's -h and its clear stop for want of a GPU, then "GPU tests skipped:
 #      no GPU", nothing of the GPU suite counted.
 set -u
@@ -114,4 +115,10 @@ if [ -x "$bin" ] && [ -x ./train_moe_cpu ]; then
     # shellcheck disable=SC2086
     ./train_moe_cpu $same_run > "$STATES/same_run.twin.out" 2>&1
     python3 tests/same_run.py train_moe.FP32.same_run_as_twin "$STATES/same_run.gpu.out" "$STATES/same_run.twin.out"
+fi
+# --breakdown 1 on the GPU: its events change nothing, and its table is whole (tests/breakdown.sh)
+bin=$STATES/cuda_BF16/train_moe
+if [ -x "$bin" ]; then
+    bash tests/breakdown.sh train_moe.BF16 "$STATES/breakdown_gpu" -- "$bin" -m "$STATES/dense.bin" -i "$STATES/shard.bin" \
+        -j "$STATES/shard.bin" -b 4 -t 16 -s 0 -v 0 --stats-every 0 -e 4 -k 2
 fi

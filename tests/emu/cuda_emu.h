@@ -17,7 +17,8 @@ What is emulated, faithfully enough for the kernels' logic:
     shows up; launch limits (1024 threads, grid dimensions, and more than 48 KiB of dynamic
     shared memory only after cudaFuncSetAttribute for that kernel, and only up to the device's
     most per block: EMU_SMEM_OPTIN_KIB, default 227 as on Hopper) are checked;
-  - the runtime API (memory, copies, streams, events) runs synchronously on host memory; every
+  - the runtime API (memory, copies, streams, events) runs synchronously on host memory (an
+    event holds the host clock when recorded, so elapsed times are the emulated work's); every
     cudaMalloc is in a table, so a copy or memset that runs past the allocation it starts in is
     an error, and the total is held to the device's size (EMU_DEVICE_GIB, default 80: an H100;
     cudaMemGetInfo reports it, and cudaMalloc fails past it as on a GPU);
@@ -57,6 +58,7 @@ compute, not how fast.
 #pragma once
 
 #include <ucontext.h>
+#include <time.h>
 #include <sys/mman.h>
 #include <cmath>
 #include <cstdint>
@@ -928,12 +930,23 @@ static inline cudaError_t cudaStreamCreate(cudaStream_t* s) { *s = (cudaStream_t
 static inline cudaError_t cudaStreamDestroy(cudaStream_t) { return cudaSuccess; }
 static inline cudaError_t cudaStreamSynchronize(cudaStream_t) { return cudaSuccess; }
 static inline cudaError_t cudaDeviceSynchronize() { return cudaSuccess; }
-static inline cudaError_t cudaEventCreate(cudaEvent_t* e) { *e = (cudaEvent_t)1; return cudaSuccess; }
-static inline cudaError_t cudaEventCreateWithFlags(cudaEvent_t* e, unsigned) { *e = (cudaEvent_t)1; return cudaSuccess; }
-static inline cudaError_t cudaEventRecord(cudaEvent_t, cudaStream_t = 0) { return cudaSuccess; }
+// An event holds the host's clock when it was recorded: the emulation runs everything at once, so
+// that is when the work before it ended, and cudaEventElapsedTime gives the emulated work's time.
+struct emu_event { double seconds = 0.0; };
+static inline double emu_seconds_now() {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + 1e-9 * ts.tv_nsec;
+}
+static inline cudaError_t cudaEventCreate(cudaEvent_t* e) { *e = new emu_event(); return cudaSuccess; }
+static inline cudaError_t cudaEventCreateWithFlags(cudaEvent_t* e, unsigned) { *e = new emu_event(); return cudaSuccess; }
+static inline cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t = 0) { e->seconds = emu_seconds_now(); return cudaSuccess; }
 static inline cudaError_t cudaEventSynchronize(cudaEvent_t) { return cudaSuccess; }
-static inline cudaError_t cudaEventDestroy(cudaEvent_t) { return cudaSuccess; }
-static inline cudaError_t cudaEventElapsedTime(float* ms, cudaEvent_t, cudaEvent_t) { *ms = 0.0f; return cudaSuccess; }
+static inline cudaError_t cudaEventDestroy(cudaEvent_t e) { delete e; return cudaSuccess; }
+static inline cudaError_t cudaEventElapsedTime(float* ms, cudaEvent_t start, cudaEvent_t end) {
+    *ms = (float)(1e3 * (end->seconds - start->seconds));
+    return cudaSuccess;
+}
 template <typename F> static inline cudaError_t cudaFuncSetAttribute(F kernel, cudaFuncAttribute, int value) {
     if (value < 0 || (size_t)value > emu::device_shared_optin()) { emu::fail("cudaFuncSetAttribute: more shared memory than the device has per block"); }
     emu::shared_limits()[emu::kernel_id(kernel)] = value;

@@ -15,8 +15,8 @@
 # its check (tests/emu/sanitize.cu checks that each kind is caught). The reverse-order runs use
 # plain builds, about twice as fast; the memory accesses are the same in both orders.
 # EMU_SANITIZE=0 skips the sanitized builds (both orders plain: faster, for a quick look).
-# train_moe's own loop, at the test model's size: against the twin's in FP32 (tests/same_run.py), and
-# stopped by SIGTERM and resumed (tests/stop_run.sh).
+# train_moe's own loop, at the test model's size: against the twin's in FP32 (tests/same_run.py),
+# stopped by SIGTERM and resumed (tests/stop_run.sh), and timed by --breakdown 1 (tests/breakdown.sh).
 # Then train_moe itself, sampled (EMU_SAMPLE=1: a launch of more than 64 blocks runs only its
 # last block, see tests/emu/cuda_emu.h), trains one step at full width and length (T=1024, B up
 # to 64, GPT-2 small and XL widths, several routers): "emu.scale" checks that every launch keeps
@@ -380,6 +380,13 @@ if [ -x "$bin" ]; then
     EMU_ORDER=forward OMP_NUM_THREADS=1 bash tests/stop_run.sh emu.train_moe.BF16 "$OUT/stop" 5 double -- "$bin" \
         -m "$STATES/dense.bin" -i "$STATES/shard.bin" -j "$STATES/shard.bin" $GEOMETRY -s 0 -v 0 --val-steps 1 --stats-every 0 \
         -e 8 -k 2 --z-loss 0.001 > "$OUT/stop.out" 2>&1 &
+    # --breakdown 1: the events at each part of a step change nothing, and the table is whole
+    # (tests/breakdown.sh; the emulation's events hold the host clock, so the times are its own)
+    throttle
+    # shellcheck disable=SC2086
+    EMU_ORDER=forward OMP_NUM_THREADS=1 bash tests/breakdown.sh emu.train_moe.BF16 "$OUT/breakdown" -- "$bin" \
+        -m "$STATES/dense.bin" -i "$STATES/shard.bin" -j "$STATES/shard.bin" $GEOMETRY -s 0 -v 0 --stats-every 0 \
+        -e 4 -k 2 > "$OUT/breakdown.out" 2>&1 &
 fi
 wait
 
@@ -433,5 +440,7 @@ fi
 if [ -x "$(binary train_moe BF16 forward)" ]; then
     grep -E '^(PASS|FAIL) ' "$OUT/stop.out"
     grep -q -E '^(PASS|FAIL) ' "$OUT/stop.out" || echo "FAIL emu.train_moe.BF16.stop_and_resume: tests/stop_run.sh said nothing: $(tail -n 2 "$OUT/stop.out" | tr '\n' ' ')"
+    grep -E '^(PASS|FAIL) ' "$OUT/breakdown.out"
+    grep -q -E '^(PASS|FAIL) ' "$OUT/breakdown.out" || echo "FAIL emu.train_moe.BF16.breakdown: tests/breakdown.sh said nothing: $(tail -n 2 "$OUT/breakdown.out" | tr '\n' ' ')"
 fi
 exit 0
