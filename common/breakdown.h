@@ -1,8 +1,9 @@
 /*
 --breakdown 1: where a training step's time goes. As an engine issues a step's work it marks
-where each part begins (breakdown_mark: the encoder, a layer's attention, its MLP or its MoE
-router, permutation, experts and un-permutation, the layer norms, the classifier, the optimizer,
-each forward or backward); the time from one mark to the next belongs to the first mark's part.
+where each part begins (each engine's mark_forward and mark_backward: the encoder, a layer's
+attention, its MLP or its MoE router, permutation, experts and un-permutation, the layer norms,
+the classifier, the optimizer); the time from one mark to the next belongs to the first mark's
+part.
 train_moe records a CUDA event at each mark and reads them once the step has ended, so nothing
 waits inside the step; train_moe_cpu reads the host's clock. At the end of training it prints a
 table: each part's forward and backward time per step (the median over the steps after the
