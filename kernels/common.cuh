@@ -39,7 +39,7 @@ static inline void cuda_check_(cudaError_t err, const char* file, int line) {
 #define cudaCheck(err) cuda_check_((err), __FILE__, __LINE__)
 
 static inline void cublas_check_(cublasStatus_t status, const char* file, int line) {
-    if (status != CUBLAS_STATUS_SUCCESS) { die("cuBLAS error %d at %s:%d", (int)status, file, line); }
+    if (status != CUBLAS_STATUS_SUCCESS) { die("cuBLAS error %d (%s) at %s:%d", (int)status, cublasGetStatusString(status), file, line); }
 }
 #define cublasCheck(status) cublas_check_((status), __FILE__, __LINE__)
 

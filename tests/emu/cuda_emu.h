@@ -979,6 +979,16 @@ static inline cudaError_t cudaMemGetInfo(size_t* free_bytes, size_t* total) {
 
 typedef int cublasStatus_t;
 static const cublasStatus_t CUBLAS_STATUS_SUCCESS = 0;
+static const cublasStatus_t CUBLAS_STATUS_NOT_SUPPORTED = 15;
+static inline const char* cublasGetStatusString(cublasStatus_t status) {
+    switch (status) {
+        case 0: return "CUBLAS_STATUS_SUCCESS";
+        case 7: return "CUBLAS_STATUS_INVALID_VALUE";
+        case 14: return "CUBLAS_STATUS_INTERNAL_ERROR";
+        case 15: return "CUBLAS_STATUS_NOT_SUPPORTED";
+        default: return "CUBLAS_STATUS_UNKNOWN";
+    }
+}
 enum cudaDataType_t { CUDA_R_32F, CUDA_R_16BF };
 typedef cudaDataType_t cudaDataType;
 enum cublasComputeType_t { CUBLAS_COMPUTE_32F };
@@ -1025,9 +1035,14 @@ static inline cublasStatus_t cublasLtMatmulPreferenceSetAttribute(cublasLtMatmul
     if (a != CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES) { p->align[a - CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES] = *(const uint32_t*)v; }
     return 0;
 }
-static inline cublasStatus_t cublasLtMatmulAlgoGetHeuristic(cublasLtHandle_t, cublasLtMatmulDesc_t, cublasLtMatrixLayout_t, cublasLtMatrixLayout_t,
+// EMU_LT_NO_BIAS_EPILOGUE=1: no algorithm takes the bias epilogue (CUBLAS_STATUS_NOT_SUPPORTED, as
+// a real cuBLASLt may answer for some problems), so that the caller's way around it is tested
+static inline cublasStatus_t cublasLtMatmulAlgoGetHeuristic(cublasLtHandle_t, cublasLtMatmulDesc_t d, cublasLtMatrixLayout_t, cublasLtMatrixLayout_t,
                                                             cublasLtMatrixLayout_t, cublasLtMatrixLayout_t, cublasLtMatmulPreference_t p, int,
                                                             cublasLtMatmulHeuristicResult_t* result, int* found) {
+    static const bool no_bias_epilogue = getenv("EMU_LT_NO_BIAS_EPILOGUE") != NULL && strcmp(getenv("EMU_LT_NO_BIAS_EPILOGUE"), "1") == 0;
+    *found = 0;
+    if (no_bias_epilogue && d->epilogue == CUBLASLT_EPILOGUE_BIAS) { return CUBLAS_STATUS_NOT_SUPPORTED; }
     memcpy(result->algo.align, p->align, sizeof(p->align));  // the algorithm found relies on these
     *found = 1;
     return 0;

@@ -16,6 +16,7 @@
 # plain builds, about twice as fast; the memory accesses are the same in both orders.
 # EMU_SANITIZE=0 skips the sanitized builds (both orders plain: faster, for a quick look).
 # train_moe's own loop, at the test model's size: against the twin's in FP32 (tests/same_run.py),
+# and again with no cuBLASLt algorithm for the bias epilogue (the same bytes, the biases added by a kernel),
 # stopped by SIGTERM and resumed (tests/stop_run.sh), and timed by --breakdown 1 (tests/breakdown.sh).
 # Then train_moe itself, sampled (EMU_SAMPLE=1: a launch of more than 64 blocks runs only its
 # last block, see tests/emu/cuda_emu.h), trains one step at full width and length (T=1024, B up
@@ -301,6 +302,26 @@ scale_short_shared_report() {
     fi
 }
 
+# bias_kernel_report: the run without cuBLASLt's bias epilogue against the same run with it
+bias_kernel_report() {
+    local label=emu.train_moe.FP32.bias_without_epilogue note='^note: cuBLASLt has no algorithm with the bias epilogue'
+    local failed notes differ="" file
+    failed=$(report "$OUT/bias_kernel.FP32.out" "" "$label")
+    notes=$(grep -c "$note" "$OUT/bias_kernel.FP32.out")
+    for file in model_00000004.bin state_00000004.bin; do
+        cmp -s "$OUT/same_run.FP32/$file" "$OUT/bias_kernel.FP32/$file" || differ="$differ $file"
+    done
+    if [ -n "$failed" ]; then
+        echo "$failed"
+    elif [ "$notes" -eq 0 ] || grep -q "$note" "$OUT/same_run.FP32.out"; then
+        echo "FAIL $label: expected a note for each matmul without the epilogue in that run only: $notes notes, $(grep -c "$note" "$OUT/same_run.FP32.out") in the run with it"
+    elif [ -n "$differ" ]; then
+        echo "FAIL $label: not the same as the run with the epilogue:$differ"
+    else
+        echo "PASS $label: with no cuBLASLt algorithm for the bias epilogue, $notes matmul shapes add their biases in add_bias_kernel: the same model and optimizer state after 4 steps, byte for byte"
+    fi
+}
+
 ORDERS="forward reverse"
 # the log and check prefix of each order's runs
 tag() { [ "$1" = forward ] && echo "" || echo ".$1"; }
@@ -366,9 +387,19 @@ if [ -x "$bin" ] && [ -x ./train_moe_cpu ]; then
     throttle
     # shellcheck disable=SC2086
     (
-        run forward "$OUT/same_run.FP32.out" "$bin" $SAME_RUN
+        rm -rf "$OUT/same_run.FP32"
+        run forward "$OUT/same_run.FP32.out" "$bin" $SAME_RUN -o "$OUT/same_run.FP32"
         OMP_NUM_THREADS=1 ./train_moe_cpu $SAME_RUN > "$OUT/same_run.twin.out" 2>&1
     ) &
+fi
+# the same run where cuBLASLt has no algorithm with the bias epilogue (EMU_LT_NO_BIAS_EPILOGUE=1,
+# as a real cuBLASLt may answer for some problems): matmul_forward must add the biases in a
+# kernel of its own, and in FP32 that is the same model and optimizer state, byte for byte
+if [ -x "$bin" ]; then
+    throttle
+    rm -rf "$OUT/bias_kernel.FP32"
+    # shellcheck disable=SC2086
+    run forward "$OUT/bias_kernel.FP32.out" env EMU_LT_NO_BIAS_EPILOGUE=1 "$bin" $SAME_RUN -o "$OUT/bias_kernel.FP32" &
 fi
 bin=$(binary train_moe BF16 forward)
 # train_moe's own loop stopped by signals (tests/stop_run.sh): SIGTERM, then -y 1 to the end,
@@ -436,6 +467,7 @@ if [ -x "$(binary train_moe FP32 forward)" ] && [ -x ./train_moe_cpu ]; then
     else
         ${PYTHON_ANY:-python3} tests/same_run.py emu.train_moe.FP32.same_run_as_twin "$OUT/same_run.FP32.out" "$OUT/same_run.twin.out"
     fi
+    bias_kernel_report
 fi
 if [ -x "$(binary train_moe BF16 forward)" ]; then
     grep -E '^(PASS|FAIL) ' "$OUT/stop.out"
