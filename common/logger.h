@@ -9,7 +9,10 @@ moe.log holds what an MoE adds, one line per MoE layer per report:
 A fresh run starts the files anew. A resumed run first drops the lines of the steps after its
 checkpoint, which a run that crashed (or was killed) after the checkpoint had logged, and the
 validation of the checkpoint's own step, which it does again; then it appends. So the logs of a
-run resumed any number of times are the same as those of a run never stopped.
+run resumed any number of times are the same as those of a run never stopped, but for one
+thing: the routing statistics since the last report are not in the resume state, so a resumed
+run's first report (its layer lines) covers only the steps since the resume. Where checkpoints
+fall on report steps (-n a multiple of --stats-every), nothing differs.
 */
 #pragma once
 
