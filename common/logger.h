@@ -11,8 +11,8 @@ checkpoint, which a run that crashed (or was killed) after the checkpoint had lo
 validation of the checkpoint's own step, which it does again; then it appends. So the logs of a
 run resumed any number of times are the same as those of a run never stopped, but for one
 thing: the routing statistics since the last report are not in the resume state, so a resumed
-run's first report (its layer lines) covers only the steps since the resume. Where checkpoints
-fall on report steps (-n a multiple of --stats-every), nothing differs.
+run's first report (its layer lines) covers only the steps since the resume. Resumed from a
+checkpoint of a report step (a multiple of --stats-every), nothing differs.
 */
 #pragma once
 
