@@ -210,3 +210,16 @@ if [ -z "$leftovers" ]; then
 else
     fail bad_input_writes_nothing "$(echo "$leftovers" | wc -l) files left: $(echo "$leftovers" | head -n 3 | tr '\n' ' ')"
 fi
+
+echo "== documentation"
+# README lists every option as -h prints it (both programs print the same list: common/args.h):
+# an option added, renamed or given another default without README following fails here
+./train_moe_cpu -h > "$TMP/help.txt" 2>&1
+help_rc=$?
+options=$(grep -c -E '^ +-' "$TMP/help.txt")
+missing=$(grep -E '^ +-' "$TMP/help.txt" | while IFS= read -r line; do grep -q -x -F -- "$line" README.md || echo "$line"; done)
+if [ "$help_rc" -eq 0 ] && [ "$options" -gt 20 ] && [ -z "$missing" ]; then
+    pass readme_lists_every_option "the $options option lines of train_moe_cpu -h, each word for word in README.md"
+else
+    fail readme_lists_every_option "-h exit status $help_rc, $options option lines; not in README.md as printed: $(echo "$missing" | head -n 3 | sed 's/  */ /g' | tr '\n' '|' | cut -c1-300)"
+fi
