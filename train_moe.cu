@@ -631,6 +631,31 @@ static void sample_text(Model* m, TrainingRun* run) {
     m->collect_stats = collect;
 }
 
+// The routing sums since the last report, as the resume state holds them (train_state.h): E + 4
+// doubles per MoE layer in layer order, the layout of DeviceRouting::stats
+static std::vector<double> routing_window_get(const Model* m) {
+    const ModelConfig* cfg = &m->config;
+    std::vector<double> w(routing_window_doubles(cfg->num_moe_layers, cfg->num_experts));
+    double* p = w.data();
+    for (int l = 0; l < cfg->num_layers; l++) {
+        if (cfg->moe_slot[l] < 0) { continue; }
+        routing_stats_copy_out(&m->layers[l].routing, p);
+        p += cfg->num_experts + 4;
+    }
+    return w;
+}
+
+static void routing_window_set(Model* m, const std::vector<double>& w) {
+    const ModelConfig* cfg = &m->config;
+    if (w.size() != routing_window_doubles(cfg->num_moe_layers, cfg->num_experts)) { die("routing_window_set: %zu values", w.size()); }
+    const double* p = w.data();
+    for (int l = 0; l < cfg->num_layers; l++) {
+        if (cfg->moe_slot[l] < 0) { continue; }
+        routing_stats_copy_in(&m->layers[l].routing, p);
+        p += cfg->num_experts + 4;
+    }
+}
+
 static void report_routing(Model* m, TrainingRun* run, int step) {
     const ModelConfig* cfg = &m->config;
     std::vector<double> assignments(cfg->num_experts);
@@ -695,6 +720,7 @@ int main(int argc, char** argv) {
     std::vector<float> host_m(P, 0.0f), host_v(P, 0.0f);
     run_start(&run, host_m.data(), host_v.data(), P);
     model_upload_moments(&model, host_m.data(), host_v.data());
+    routing_window_set(&model, run.routing_window);
     double peak = peak_flops(&prop);
 
     model.collect_stats = true;
@@ -703,7 +729,7 @@ int main(int argc, char** argv) {
     for (int step = run.start_step; step <= run.max_steps; step++) {
         if (run_checkpoint_due(&run, step)) {
             model_download(&model, run.params, host_m.data(), host_v.data());
-            run_save_checkpoint(&run, step, run.params, host_m.data(), host_v.data(), P);
+            run_save_checkpoint(&run, step, run.params, host_m.data(), host_v.data(), P, routing_window_get(&model));
         }
         if (run_stop_due(&run, step)) { break; }
         if (run_validation_due(&run, step)) {

@@ -1176,6 +1176,32 @@ static float validation_loss(Model* m, DataLoader* val, int max_batches) {
     return (float)(sum / n);
 }
 
+// The routing sums since the last report, as the resume state holds them (train_state.h): E + 4
+// doubles per MoE layer (assignments per expert, in all, dropped, entropy sum, tokens)
+static std::vector<double> routing_window_get(const Model* m) {
+    std::vector<double> w;
+    int E = m->config.num_experts;
+    for (const RoutingStats& s : m->stats) {
+        for (int e = 0; e < E; e++) { w.push_back(s.assignments.empty() ? 0.0 : s.assignments[e]); }
+        w.insert(w.end(), {s.total_assignments, s.dropped, s.entropy_sum, s.tokens});
+    }
+    return w;
+}
+
+static void routing_window_set(Model* m, const std::vector<double>& w) {
+    int E = m->config.num_experts;
+    if (w.size() != routing_window_doubles((int)m->stats.size(), E)) { die("routing_window_set: %zu values for %zu MoE layers", w.size(), m->stats.size()); }
+    const double* p = w.data();
+    for (RoutingStats& s : m->stats) {
+        s.assignments.assign(p, p + E);
+        s.total_assignments = p[E];
+        s.dropped = p[E + 1];
+        s.entropy_sum = p[E + 2];
+        s.tokens = p[E + 3];
+        p += E + 4;
+    }
+}
+
 // each MoE layer's expert load, dropped fraction and routing entropy since the last report
 static void report_routing(Model* m, TrainingRun* run, int step) {
     const ModelConfig* cfg = &m->config;
@@ -1199,6 +1225,7 @@ int main(int argc, char** argv) {
     Model model;
     model_init(&model, &run.config, run.params, run.B, run.T, (float)run.args.aux_loss, (float)run.args.z_loss);
     run_start(&run, model.m_memory, model.v_memory, model.num_params);
+    routing_window_set(&model, run.routing_window);
 #ifdef _OPENMP
     printf("CPU twin, fp32, %d OpenMP threads\n", omp_get_max_threads());
 #endif
@@ -1208,7 +1235,7 @@ int main(int argc, char** argv) {
     run_catch_stop_signals();  // from here on, Ctrl-C or SIGTERM stops at the next step, with a checkpoint
     for (int step = run.start_step; step <= run.max_steps; step++) {
         if (run_checkpoint_due(&run, step)) {
-            run_save_checkpoint(&run, step, model.params_memory, model.m_memory, model.v_memory, model.num_params);
+            run_save_checkpoint(&run, step, model.params_memory, model.m_memory, model.v_memory, model.num_params, routing_window_get(&model));
         }
         if (run_stop_due(&run, step)) { break; }
         if (run_validation_due(&run, step)) {

@@ -9,10 +9,9 @@ moe.log holds what an MoE adds, one line per MoE layer per report:
 A fresh run starts the files anew. A resumed run first drops the lines of the steps after its
 checkpoint, which a run that crashed (or was killed) after the checkpoint had logged, and the
 validation of the checkpoint's own step, which it does again; then it appends. So the logs of a
-run resumed any number of times are the same as those of a run never stopped, but for one
-thing: the routing statistics since the last report are not in the resume state, so a resumed
-run's first report (its layer lines) covers only the steps since the resume. Resumed from a
-checkpoint of a report step (a multiple of --stats-every), nothing differs.
+run resumed any number of times are the same as those of a run never stopped: the resume state
+holds the routing sums since the last report (train_state.h), so a report that spans the stop
+is whole. (A version 1 state has none: a run resumed from one starts a new report.)
 */
 #pragma once
 

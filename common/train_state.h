@@ -1,7 +1,8 @@
 /*
 What a resumed run needs beyond the parameters, so that it continues bit-identically
 (doc/formats.md, "Resume state"): the step, the batch geometry, the data loader's position,
-the sampler's RNG counter and AdamW's moments.
+the sampler's RNG counter and AdamW's moments; and, so that its logs continue as if it had never
+stopped, the routing statistics summed since the last routing report (version 2).
 
 A checkpoint of step S in the output directory is three files, written in this order:
 model_%08d.bin (the model, atomic), state_%08d.bin (this state, atomic), DONE_%08d (an empty
@@ -12,10 +13,11 @@ harmless: the half-written step has no marker yet.
 
 #include <dirent.h>
 #include <string>
+#include <vector>
 #include "utils.h"
 
 #define STATE_MAGIC 20261123
-#define STATE_VERSION 1
+#define STATE_VERSION 2  // 1: no routing window (still read: a run resumed from it starts a new window)
 
 struct TrainState {
     int step;               // optimizer steps taken
@@ -26,7 +28,14 @@ struct TrainState {
     uint64_t sampler_counter;
     int max_steps;
     int adam_step_offset;   // AdamW steps taken before this run (moments carried over from a dense run)
+    // The routing report under way: the first step it covers, and its sums so far, E + 4 doubles
+    // per MoE layer in layer order (routing_window_doubles): each expert's assignments, then the
+    // assignments in all, the dropped ones, the sum of the tokens' routing entropies, the tokens.
+    int report_from;
+    std::vector<double> routing_window;
 };
+
+static inline size_t routing_window_doubles(int num_moe_layers, int num_experts) { return (size_t)num_moe_layers * (num_experts + 4); }
 
 static inline std::string checkpoint_path(const std::string& dir, const char* kind, int step) {
     char name[64];
@@ -50,10 +59,14 @@ static inline void write_train_state(const char* path, const TrainState* s, cons
     put_u64(header, 13, fnv1a(sum, v, s->num_params * sizeof(float)));
     header[15] = s->max_steps;
     header[16] = s->adam_step_offset;
+    header[17] = (int)s->routing_window.size();
+    header[18] = s->report_from;
+    put_u64(header, 19, fnv1a(FNV_OFFSET, s->routing_window.data(), s->routing_window.size() * sizeof(double)));
     AtomicFile af = atomic_open(path);
     fwrite_check(header, sizeof(int), 256, af.f, path);
     fwrite_check(m, sizeof(float), s->num_params, af.f, path);
     fwrite_check(v, sizeof(float), s->num_params, af.f, path);
+    fwrite_check(s->routing_window.data(), sizeof(double), s->routing_window.size(), af.f, path);
     atomic_commit(af);
 }
 
@@ -66,7 +79,8 @@ static inline void read_train_state(const char* path, TrainState* s, float* m, f
     FILE* f = fopen_check(path, "rb");
     fread_check(header, sizeof(int), 256, f, path);
     if (header[0] != STATE_MAGIC) { die("%s: bad magic %d, expected a resume state (magic %d)", path, header[0], STATE_MAGIC); }
-    if (header[1] != STATE_VERSION) { die("%s: state version %d, expected %d", path, header[1], STATE_VERSION); }
+    int version = header[1];
+    if (version != 1 && version != 2) { die("%s: state version %d, expected 1 or 2", path, version); }
     s->step = header[2];
     s->B = header[3];
     s->T = header[4];
@@ -77,18 +91,23 @@ static inline void read_train_state(const char* path, TrainState* s, float* m, f
     s->sampler_counter = get_u64(header, 11);
     s->max_steps = header[15];
     s->adam_step_offset = header[16];
+    int window = version >= 2 ? header[17] : 0;  // version 1: no routing window, a new one from the next step
+    s->report_from = version >= 2 ? header[18] : s->step + 1;
     if (s->num_params != expected_params) {
         die("%s: holds optimizer moments for %zu parameters, the model has %zu", path, s->num_params, expected_params);
     }
-    int64_t expected = 1024 + 2 * (int64_t)expected_params * 4;
+    if (window < 0 || window > (1 << 24)) { die("%s: a routing window of %d values: the file is corrupt", path, window); }
+    int64_t expected = 1024 + 2 * (int64_t)expected_params * 4 + (int64_t)window * 8;
     if (size != expected) { die("%s: expected %lld bytes, the file holds %lld (truncated?)", path, (long long)expected, (long long)size); }
     fread_check(m, sizeof(float), expected_params, f, path);
     fread_check(v, sizeof(float), expected_params, f, path);
+    s->routing_window.resize(window);
+    fread_check(s->routing_window.data(), sizeof(double), window, f, path);
     fclose(f);
     uint64_t sum = fnv1a(FNV_OFFSET, m, expected_params * sizeof(float));
-    if (fnv1a(sum, v, expected_params * sizeof(float)) != get_u64(header, 13)) {
-        die("%s: checksum mismatch: the file is corrupt", path);
-    }
+    bool intact = fnv1a(sum, v, expected_params * sizeof(float)) == get_u64(header, 13);
+    if (version >= 2) { intact = intact && fnv1a(FNV_OFFSET, s->routing_window.data(), window * sizeof(double)) == get_u64(header, 19); }
+    if (!intact) { die("%s: checksum mismatch: the file is corrupt", path); }
 }
 
 static inline void write_done_marker(const std::string& dir, int step) {

@@ -48,6 +48,9 @@ struct TrainingRun {
     int adam_step_offset;       // AdamW's step is adam_step_offset + step + 1
     double flops_per_token;     // 6 N_active + 6 L C T, llm.c's estimate with active parameters
     int report_from;            // the first step the next routing report covers
+    // the sums of that report so far, as a resume state holds them (train_state.h): run_start
+    // fills it (zeros, or the resumed checkpoint's), the engine starts its sums from it
+    std::vector<double> routing_window;
     Breakdown breakdown;        // --breakdown 1: the engine marks its steps' parts into it
 };
 
@@ -120,9 +123,13 @@ static inline void run_init(TrainingRun* run) {
 
 // The last step before training, once the engine has built its model: fills the AdamW moments
 // m, v (the model's size, host memory) with the resume state's, the dense run's
-// (--init-optimizer), or leaves them as they are (zeros); then opens the logs. A run that fails
-// to start (a model too large for the GPU, a resume state that does not match) leaves no log.
+// (--init-optimizer), or leaves them as they are (zeros), and the routing window (the engine
+// starts its routing sums from it); then opens the logs. A run that fails to start (a model too
+// large for the GPU, a resume state that does not match) leaves no log.
 static inline void run_start(TrainingRun* run, float* m, float* v, size_t num_params) {
+    size_t window = routing_window_doubles(run->config.num_moe_layers, run->config.num_experts);
+    run->routing_window.assign(window, 0.0);
+    run->report_from = run->start_step + 1;
     if (run->resuming) {
         TrainState s;
         read_train_state(checkpoint_path(run->args.output_dir, "state", run->start_step).c_str(), &s, m, v, num_params);
@@ -136,16 +143,24 @@ static inline void run_start(TrainingRun* run, float* m, float* v, size_t num_pa
         dataloader_seek(&run->train, s.shard_index, s.position);
         run->sampler_counter = s.sampler_counter;
         run->adam_step_offset = s.adam_step_offset;
+        if (!s.routing_window.empty()) {  // empty: a version 1 state, a new report from the next step
+            if (s.routing_window.size() != window || s.report_from < 1 || s.report_from > s.step + 1) {
+                die("the resume state's routing report (%zu values, from step %d) does not fit this model (%zu values) at step %d: the "
+                    "file is corrupt", s.routing_window.size(), s.report_from, window, s.step);
+            }
+            run->routing_window = s.routing_window;
+            run->report_from = s.report_from;
+        }
     } else if (!run->args.init_optimizer.empty()) {
         run->adam_step_offset = upcycle_optimizer_state(&run->args, &run->config, m, v);
     }
     logger_init(&run->logger, run->have_output ? run->args.output_dir.c_str() : NULL, run->start_step);
-    run->report_from = run->start_step + 1;
 }
 
-// the model file, the resume state, then the DONE marker (train_state.h); host buffers
+// the model file, the resume state, then the DONE marker (train_state.h); host buffers, and the
+// routing report's sums so far (routing_window_doubles of them)
 static inline void run_save_checkpoint(TrainingRun* run, int step, const float* params, const float* m, const float* v,
-                                       size_t num_params) {
+                                       size_t num_params, const std::vector<double>& routing_window) {
     const std::string& dir = run->args.output_dir;
     std::string model_path = checkpoint_path(dir, "model", step), state_path = checkpoint_path(dir, "state", step);
     write_checkpoint(model_path.c_str(), &run->config, params);
@@ -160,6 +175,8 @@ static inline void run_save_checkpoint(TrainingRun* run, int step, const float* 
     s.sampler_counter = run->sampler_counter;
     s.max_steps = run->max_steps;
     s.adam_step_offset = run->adam_step_offset;
+    s.report_from = run->report_from;
+    s.routing_window = routing_window;
     write_train_state(state_path.c_str(), &s, m, v);
     write_done_marker(dir, step);
     printf("wrote %s and %s\n", model_path.c_str(), state_path.c_str());

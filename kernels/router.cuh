@@ -927,6 +927,17 @@ static void routing_stats_accumulate(DeviceRouting* r, cudaStream_t stream) {
     cudaCheckLaunch();
 }
 
+// the sums as they stand (E + 4 doubles: assignments per expert, in all, dropped, entropy sum,
+// tokens), without clearing them, for a checkpoint (waits for the GPU); and their setting, for a resumed run
+static void routing_stats_copy_out(const DeviceRouting* r, double* out) {
+    cudaCheck(cudaDeviceSynchronize());
+    cudaCheck(cudaMemcpy(out, r->stats, (r->E + 4) * sizeof(double), cudaMemcpyDeviceToHost));
+}
+
+static void routing_stats_copy_in(DeviceRouting* r, const double* in) {
+    cudaCheck(cudaMemcpy(r->stats, in, (r->E + 4) * sizeof(double), cudaMemcpyHostToDevice));
+}
+
 // reads the sums since the last read (waits for the GPU) and clears them
 static void routing_stats_read(DeviceRouting* r, double* assignments, double* total, double* dropped, double* entropy_sum, double* tokens) {
     std::vector<double> s(r->E + 4);

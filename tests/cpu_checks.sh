@@ -63,33 +63,61 @@ fi
 # resume: stop at step 4, continue to 8, compare with the straight run. The logs are the straight
 # run's to step 8, as a run that crashed after step 8 leaves them next to the checkpoint of step 4:
 # the resumed run drops the lines after step 4 and the validation of step 4, which it does again.
+# Routing reports every 3 steps: the one of step 6 covers steps 4 to 6, across the checkpoint,
+# whose resume state holds step 4's routing sums.
+TRAIN_RESUME="$TRAIN --stats-every 3"
 # shellcheck disable=SC2086
-$TRAIN $MOE -x 8 -n 4 -o "$TMP/run_full" > "$TMP/run_full.out" 2>&1
+$TRAIN_RESUME $MOE -x 8 -n 4 -o "$TMP/run_full" > "$TMP/run_full.out" 2>&1
 mkdir -p "$TMP/run_resumed"
 for file in model_00000004.bin state_00000004.bin DONE_00000004 main.log moe.log; do
     cp "$TMP/run_full/$file" "$TMP/run_resumed/" 2>/dev/null
 done
 # shellcheck disable=SC2086
-$TRAIN $MOE -x 8 -n 4 -y 1 -o "$TMP/run_resumed" > "$TMP/run_resumed.out" 2>&1
-grep -E '^step +[5-8]/' "$TMP/run_full.out" | sed 's/| [0-9.]* ms.*//' > "$TMP/full_steps"
-grep -E '^step +[5-8]/' "$TMP/run_resumed.out" | sed 's/| [0-9.]* ms.*//' > "$TMP/resumed_steps"
+$TRAIN_RESUME $MOE -x 8 -n 4 -y 1 -o "$TMP/run_resumed" > "$TMP/run_resumed.out" 2>&1
+# the step lines of steps 5-8 without their times, and the routing report of step 6
+after_step_4() { sed -n -E '/^step +5\//,$p' "$1" | grep -E '^(step +[5-8]/|routing, steps|  layer)' | sed 's/| [0-9.]* ms.*//'; }
+after_step_4 "$TMP/run_full.out" > "$TMP/full_steps"
+after_step_4 "$TMP/run_resumed.out" > "$TMP/resumed_steps"
 if cmp -s "$TMP/run_full/model_00000008.bin" "$TMP/run_resumed/model_00000008.bin" &&
    cmp -s "$TMP/run_full/state_00000008.bin" "$TMP/run_resumed/state_00000008.bin" &&
    cmp -s "$TMP/run_full/main.log" "$TMP/run_resumed/main.log" && cmp -s "$TMP/run_full/moe.log" "$TMP/run_resumed/moe.log" &&
-   grep -q '^s:8 tel' "$TMP/run_full/main.log" && grep -q '^s:8 layer' "$TMP/run_full/moe.log" &&
-   [ -s "$TMP/full_steps" ] && cmp -s "$TMP/full_steps" "$TMP/resumed_steps"; then
-    pass resume_is_bit_identical "resumed at step 4 next to the logs of a run that went on to step 8: model, optimizer state, the printed losses of steps 5-8, main.log and moe.log identical"
+   grep -q '^s:8 tel' "$TMP/run_full/main.log" && grep -q '^s:6 layer' "$TMP/run_full/moe.log" &&
+   grep -q '^routing, steps 4..6:' "$TMP/full_steps" && cmp -s "$TMP/full_steps" "$TMP/resumed_steps"; then
+    pass resume_is_bit_identical "resumed at step 4 next to the logs of a run that went on to step 8: model, optimizer state, the printed losses of steps 5-8 and the routing report of steps 4-6, main.log and moe.log identical"
 else
     fail resume_is_bit_identical "resumed run differs (or failed: $(tail -n 2 "$TMP/run_resumed.out" | tr '\n' ' '))"
 fi
 
+# A version 1 resume state (before 2026-12-07: no routing sums) still resumes, to the same model
+# and optimizer state; its first routing report covers the steps after the checkpoint only.
+mkdir -p "$TMP/run_v1"
+cp "$TMP/run_full/model_00000004.bin" "$TMP/run_full/DONE_00000004" "$TMP/run_v1/"
+"$PYTHON" - "$TMP/run_full/state_00000004.bin" "$TMP/run_v1/state_00000004.bin" << 'EOF'
+import struct, sys
+data = open(sys.argv[1], "rb").read()
+header = list(struct.unpack("<256i", data[:1024]))
+window = header[17]  # the routing sums (doubles) after the moments
+header[1] = 1
+header[17:21] = [0, 0, 0, 0]
+open(sys.argv[2], "wb").write(struct.pack("<256i", *header) + data[1024:len(data) - 8 * window])
+EOF
+# shellcheck disable=SC2086
+$TRAIN_RESUME $MOE -x 8 -n 4 -y 1 -o "$TMP/run_v1" > "$TMP/run_v1.out" 2>&1
+if cmp -s "$TMP/run_full/model_00000008.bin" "$TMP/run_v1/model_00000008.bin" &&
+   cmp -s "$TMP/run_full/state_00000008.bin" "$TMP/run_v1/state_00000008.bin" && grep -q '^routing, steps 5..6:' "$TMP/run_v1.out"; then
+    pass resume_from_version1_state "a state without routing sums resumes at step 4: model and optimizer state at step 8 identical, the first routing report from step 5"
+else
+    fail resume_from_version1_state "$(grep -m 1 '^routing, steps' "$TMP/run_v1.out"): $(tail -n 2 "$TMP/run_v1.out" | tr '\n' ' ')"
+fi
+
 # SIGTERM stops a run at the next step with a checkpoint there, which -y 1 continues
 # bit-identically; a second signal stops at once (tests/stop_run.sh). A model wide enough for
-# steps of about 0.1 s, so that the signal lands before the run ends.
+# steps of about 0.1 s, so that the signal lands before the run ends; one routing report, at the
+# last step, so that it spans the stop.
 $REF make-dense --model 4:128:4:64 --vocab 100 --seed 7 --jitter 0.05 -o "$TMP/dense_c128.bin" > "$TMP/make_c128.out" 2>&1
 # shellcheck disable=SC2086
 run_checks stop tests/stop_run.sh train_moe_cpu "$TMP/stop" 20 double -- ./train_moe_cpu -m "$TMP/dense_c128.bin" -i "$SHARD" \
-    -j "$SHARD" -b 8 -t 64 -s 0 -v 0 --stats-every 0 $MOE
+    -j "$SHARD" -b 8 -t 64 -s 0 -v 0 --stats-every 20 $MOE
 
 # --breakdown 1 times each part of a step and changes nothing (tests/breakdown.sh): an MoE run with
 # dense layers too (every2), so that every part of the table has work
@@ -203,6 +231,10 @@ expect_error resume_without_output_dir "give it with -o" ./train_moe_cpu -m "$DE
 cp -r "$TMP/run_full" "$BAD/resume_corrupt"
 head -c 2000 "$BAD/resume_corrupt/state_00000008.bin" > "$BAD/resume_corrupt/state.tmp" && mv "$BAD/resume_corrupt/state.tmp" "$BAD/resume_corrupt/state_00000008.bin"
 expect_error resume_state_truncated "truncated" ./train_moe_cpu -m "$DENSE" -i "$SHARD" -j "$SHARD" $GEOMETRY $MOE -x 9 -s 0 -y 1 -o "$BAD/resume_corrupt"
+# a byte of the routing sums (the file's last bytes) changed: the checksum catches it
+cp -r "$TMP/run_full" "$BAD/resume_window"
+printf '\x7f' | dd of="$BAD/resume_window/state_00000008.bin" bs=1 seek=$(($(stat -c %s "$BAD/resume_window/state_00000008.bin") - 3)) conv=notrunc status=none
+expect_error resume_state_routing_sums_corrupt "checksum" ./train_moe_cpu -m "$DENSE" -i "$SHARD" -j "$SHARD" $GEOMETRY $MOE -x 9 -s 0 -y 1 -o "$BAD/resume_window"
 
 leftovers=$( (find "$BAD/out" -type f; find "$BAD/started" -type f ! -name '*.log') 2>/dev/null)
 if [ -z "$leftovers" ]; then

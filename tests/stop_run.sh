@@ -6,8 +6,9 @@
 #   2. stopped: the same into DIR/stopped, sent SIGTERM once its main.log has step 2: it must
 #      finish the step under way, write that step's checkpoint, say where it stopped and how to go
 #      on, and exit with status 143 (128 + SIGTERM); the same command with -y 1 then continues to
-#      STEPS, and its model, optimizer state and main.log must equal the straight run's, byte for
-#      byte (no step lost or logged twice);
+#      STEPS, and its model, optimizer state, main.log and moe.log must equal the straight run's,
+#      byte for byte (no step lost or logged twice; with --stats-every STEPS, the one routing
+#      report spans the stop, and the resume state must have carried its sums across);
 #   3. with "double": a run given two signals at once, once its main.log has step 1: it is
 #      paused (SIGSTOP), sent SIGINT and SIGTERM, and continued (SIGCONT), so that the two reach
 #      it together, however slow the machine: the first asks for a stop, the second must end the
@@ -61,11 +62,11 @@ else
         "$@" -x "$steps" -o "$dir/stopped" -y 1 > "$dir/resumed.out" 2>&1
         rc=$?
         differ=""
-        for file in "$(basename "$(step_file . model "$steps" .bin)")" "$(basename "$(step_file . state "$steps" .bin)")" main.log; do
+        for file in "$(basename "$(step_file . model "$steps" .bin)")" "$(basename "$(step_file . state "$steps" .bin)")" main.log moe.log; do
             cmp -s "$dir/straight/$file" "$dir/stopped/$file" || differ="$differ $file"
         done
         if [ "$rc" -eq 0 ] && [ -z "$differ" ]; then
-            echo "PASS $name.stop_and_resume: SIGTERM during step $((stopped_at)) of $steps: that step finished, its checkpoint written, exit status 143; -y 1 went on to step $steps: model, optimizer state and main.log byte-identical to the run never stopped"
+            echo "PASS $name.stop_and_resume: SIGTERM during step $((stopped_at)) of $steps: that step finished, its checkpoint written, exit status 143; -y 1 went on to step $steps: model, optimizer state, main.log and moe.log ($(grep -c ' layer:' "$dir/straight/moe.log") routing lines) byte-identical to the run never stopped"
         else
             echo "FAIL $name.stop_and_resume: resumed at step $stopped_at: exit status $rc, different from the straight run:${differ:- nothing}: $(last_lines "$dir/resumed.out")"
         fi

@@ -403,13 +403,14 @@ if [ -x "$bin" ]; then
 fi
 bin=$(binary train_moe BF16 forward)
 # train_moe's own loop stopped by signals (tests/stop_run.sh): SIGTERM, then -y 1 to the end,
-# byte-identical to the run never stopped; a second SIGINT stops at once. An emulated step
-# takes about a second, time enough for the signals.
+# byte-identical to the run never stopped, moe.log included (its one routing report, of step 5,
+# spans the stop); a second SIGINT stops at once. An emulated step takes about a second, time
+# enough for the signals.
 if [ -x "$bin" ]; then
     throttle
     # shellcheck disable=SC2086
     EMU_ORDER=forward OMP_NUM_THREADS=1 bash tests/stop_run.sh emu.train_moe.BF16 "$OUT/stop" 5 double -- "$bin" \
-        -m "$STATES/dense.bin" -i "$STATES/shard.bin" -j "$STATES/shard.bin" $GEOMETRY -s 0 -v 0 --val-steps 1 --stats-every 0 \
+        -m "$STATES/dense.bin" -i "$STATES/shard.bin" -j "$STATES/shard.bin" $GEOMETRY -s 0 -v 0 --val-steps 1 --stats-every 5 \
         -e 8 -k 2 --z-loss 0.001 > "$OUT/stop.out" 2>&1 &
     # --breakdown 1: the events at each part of a step change nothing, and the table is whole
     # (tests/breakdown.sh; the emulation's events hold the host clock, so the times are its own)
