@@ -255,3 +255,23 @@ if [ "$help_rc" -eq 0 ] && [ "$options" -gt 20 ] && [ -z "$missing" ]; then
 else
     fail readme_lists_every_option "-h exit status $help_rc, $options option lines; not in README.md as printed: $(echo "$missing" | head -n 3 | sed 's/  */ /g' | tr '\n' '|' | cut -c1-300)"
 fi
+
+echo "== recipes"
+# scripts/ablate.sh, the upcycling ablation, on the test model with the twin: five arms from one
+# dense checkpoint; copy upcycling's first loss is the dense model's (the same function), drop
+# and scratch start elsewhere; the summary and the curves hold every arm
+ABLATE=$TMP/ablate
+ENGINE=./train_moe_cpu OUT=$ABLATE STEPS=4 B=4 T=16 VAL_EVERY=2 VAL_STEPS=2 TRAIN=$SHARD VAL=$SHARD \
+    bash scripts/ablate.sh "$DENSE" > "$TMP/ablate.out" 2>&1
+ablate_rc=$?
+rows=$(grep -c -E '^\| (dense|copy|drop|noise|scratch) \| `[^`]*` \| [0-9.]+ \| [0-9.]+ \| [0-9.]+ \| [0-9]+ \|$' "$ABLATE/summary.md" 2>/dev/null)
+first() { grep -E "^\| $1 \|" "$ABLATE/summary.md" | awk -F'|' '{gsub(/ /, "", $4); print $4}'; }
+header=$(head -n 1 "$ABLATE/val_loss.csv" 2>/dev/null)
+if [ "$ablate_rc" -eq 0 ] && [ "$rows" = 5 ] && [ "$header" = "step,dense,copy,drop,noise,scratch" ] &&
+   [ "$(wc -l < "$ABLATE/val_loss.csv")" = 4 ] && [ "$(first copy)" = "$(first dense)" ] &&
+   [ "$(first drop)" != "$(first dense)" ] && [ "$(first scratch)" != "$(first dense)" ]; then
+    pass ablation_recipe "scripts/ablate.sh: 5 arms from one checkpoint, copy's first loss $(first copy) = dense's, drop's $(first drop) and scratch's $(first scratch) elsewhere; summary.md and val_loss.csv whole"
+else
+    fail ablation_recipe "exit status $ablate_rc, $rows summary rows (5 expected), csv '$header', first losses dense $(first dense) copy $(first copy) drop $(first drop): $(tail -n 2 "$TMP/ablate.out" | tr '\n' ' ')"
+fi
+expect_error ablation_recipe_without_checkpoint "not a file" bash scripts/ablate.sh "$BAD/nothing.bin"
