@@ -5,6 +5,10 @@
 # reference on the same GPU; then each train_moe run's --breakdown table (the time of each part
 # of a step: the design's budget of 5% for routing, permutation and un-permutation is the sum of
 # the MoE router, permute and unpermute rows).
+# With LLMC=path/to/llm.c (a checkout of karpathy/llm.c, not part of this project), it also
+# builds llm.c's train_gpt2cu for this GPU and times it at the same shape, batch and data:
+# design.md's first target is a dense train_moe at least as fast. llm.c is built with nvcc
+# directly (bf16, no cuDNN, no MPI or NCCL), with scripts/llmc_cuda13.h for CUDA 13.
 # Usage: scripts/bench.sh [OUTFILE]   (B=8 STEPS=30 by default; needs the Tiny Shakespeare shards)
 set -u
 cd "$(dirname "$0")/.." || exit 1
@@ -21,6 +25,36 @@ rm -f /tmp/bench_*.log  # each train_moe run's log, from this run only
 median() { grep -E '^step +[0-9]+/' | awk -v col="$1" 'NR > 5 { for (i = 1; i <= NF; i++) if ($i == col) print $(i - 1) }' | sort -g | awk '{ v[NR] = $1 } END { if (NR) print v[int((NR + 1) / 2)]; else print "n/a" }'; }
 mfu() { grep -E '^step +[0-9]+/' | awk 'NR > 5 { for (i = 1; i <= NF; i++) if ($i == "MFU") print $(i + 1) }' | tr -d '%' | sort -g | awk '{ v[NR] = $1 } END { if (NR) print v[int((NR + 1) / 2)] "%"; else print "n/a" }'; }
 
+# llm.c's train_gpt2cu (LLMC), dense GPT-2 124M from scratch (-e d12) at the same B, T and data:
+# built once into $LLMC/train_gpt2cu_bench, its log in /tmp/llmc_bench.log; one table row
+llmc_row() {
+    local arch nvml here=$PWD log=/tmp/llmc_bench.log
+    arch=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -n 1 | tr -d '.')
+    nvml=$(ldconfig -p 2> /dev/null | awk '/libnvidia-ml\.so\.1 / { print $NF; exit }')
+    if [ ! -x "$LLMC/train_gpt2cu_bench" ]; then
+        # NVML (llm.c's mfu.h uses it where nvml.h exists): the toolkit's link library, else the driver's own
+        local build=(nvcc -O3 --use_fast_math -std=c++17 -arch="sm_${arch:-90}" -DENABLE_BF16 -include "$here/scripts/llmc_cuda13.h"
+                     train_gpt2.cu -lcublas -lcublasLt -o train_gpt2cu_bench)
+        (cd "$LLMC" && { "${build[@]}" || "${build[@]}" -lnvidia-ml || { [ -n "$nvml" ] && "${build[@]}" "$nvml"; }; }) > "$log" 2>&1
+    fi
+    if [ ! -x "$LLMC/train_gpt2cu_bench" ]; then
+        echo "| llm.c train_gpt2cu dense: not built ($(grep -m 1 -i 'error' "$log" | cut -c1-120)) | | | | |"
+        return
+    fi
+    (cd "$LLMC" && ./train_gpt2cu_bench -e d12 -i "$here/$DATA" -j "$here/$DATA" -b "$B" -t 1024 -x "$STEPS" -v 0 -s 0 -h 0) > "$log" 2>&1
+    if ! grep -q -E '^step +[0-9]+/' "$log"; then
+        echo "| llm.c train_gpt2cu dense: did not train ($(grep -v '^ *$' "$log" | tail -n 2 | tr '\n' ' ' | cut -c1-160)) | | | | |"
+        return
+    fi
+    local ms tps mfu_llmc
+    ms=$(median ms < "$log")
+    tps=$(median tok/s < "$log")
+    # llm.c prints "45.6% bf16 MFU": its own estimate against its own peak table
+    mfu_llmc=$(grep -E '^step +[0-9]+/' "$log" | awk 'NR > 5 { for (i = 1; i <= NF; i++) if ($i == "MFU") print $(i - 2) }' | tr -d '%' |
+        sort -g | awk '{ v[NR] = $1 } END { if (NR) print v[int((NR + 1) / 2)] "% (llm.c'"'"'s own)"; else print "n/a" }')
+    echo "| llm.c train_gpt2cu dense (bf16, no cuDNN) | $ms | $tps | $mfu_llmc | |"
+}
+
 {
     echo "| run | ms/step | tokens/s | MFU | peak memory |"
     echo "|---|---|---|---|---|"
@@ -36,6 +70,7 @@ mfu() { grep -E '^step +[0-9]+/' | awk 'NR > 5 { for (i = 1; i <= NF; i++) if ($
         peak=$(echo "$log" | grep -o 'peak memory [0-9.]* GiB' | head -n 1 | awk '{print $3 " GiB"}')
         echo "| train_moe $name | $ms | $tps | $(echo "$log" | mfu) | ${peak:-n/a} |"
     done
+    if [ -n "${LLMC:-}" ]; then llmc_row; fi
     for entry in "dense|-e 1" "MoE 8x top-2, every2|-e 8 -k 2"; do
         name=${entry%%|*}
         options=${entry#*|}

@@ -10,7 +10,7 @@
 #            the CUDA emulation are CI's: a GPU machine's time is short)
 #   train    short trainings on Tiny Shakespeare: dense GPT-2 124M shape, then upcycled to 8 experts
 #   studies  every dev/cuda kernel study: validation against the CPU twin and timing, both precisions
-#   bench    the benchmark (scripts/bench.sh)
+#   bench    the benchmark (scripts/bench.sh; with LLMC=path/to/llm.c, llm.c's train_gpt2cu beside it)
 # Usage: scripts/gpu_check.sh OUTDIR [PART...] (default: all five, in this order). Writes
 # OUTDIR/report.md (a pass/fail table with timings, a row as each part ends) and the logs of each
 # part beside it; a second call with the parts left over adds to the same report. Tiny
