@@ -25,6 +25,7 @@ expert_mlp_forward and expert_mlp_backward take the mma version whenever it appl
 #include <initializer_list>
 #include "common.cuh"
 #include "mma.cuh"
+#include "reduce.cuh"
 
 #define XG_TILE 64   // version 1: output tile, rows and columns
 #define XG_DEPTH 16  // version 1: depth of one shared-memory stage
@@ -329,28 +330,15 @@ __global__ void __launch_bounds__(XM_WARPS * WARP_SIZE)
 
 // --- both versions ---
 
-// dbias[e][n] += sum over expert e's rows of dY[r][n]. A block takes BIAS_COLUMNS columns of
-// one expert with BIAS_LANES threads per column: lane y sums rows y, y + BIAS_LANES, ... of the
-// expert (a warp reads 32 adjacent columns of a row), then the lanes' sums are added in a fixed
-// tree in shared memory, so the result does not depend on timing. One thread per column would
-// leave a thread ~2000 rows to walk alone at GPT-2's shapes, on 24 blocks for C = 768.
+// dbias[e][n] += sum over expert e's rows of dY[r][n]: a block takes COLUMN_SUM_COLUMNS columns of
+// one expert (blockIdx.y) with COLUMN_SUM_LANES threads per column, in a fixed order
+// (column_sums_block, reduce.cuh), so the result does not depend on timing. One thread per column
+// would leave a thread ~2000 rows to walk alone at GPT-2's shapes, on 24 blocks for C = 768.
 // Speed of light: one read of dY, 16384 rows x 3072 bf16 = 100 MB for dfcb (30 us at 3.35 TB/s),
 // 25 MB for dfcprojb (8 us). Not yet measured on a GPU.
-#define BIAS_COLUMNS 32
-#define BIAS_LANES 32
 __global__ void expert_bias_grad_kernel(float* dbias, const floatX* dY, const int* expert_offsets, int N) {
-    __shared__ float lane_sums[BIAS_LANES][BIAS_COLUMNS];
-    int e = blockIdx.y, n = blockIdx.x * BIAS_COLUMNS + threadIdx.x, y = threadIdx.y;
-    float s = 0.0f;
-    if (n < N) {
-        for (int r = expert_offsets[e] + y; r < expert_offsets[e + 1]; r += BIAS_LANES) { s += to_float(dY[(size_t)r * N + n]); }
-    }
-    lane_sums[y][threadIdx.x] = s;
-    for (int half = BIAS_LANES / 2; half > 0; half /= 2) {
-        __syncthreads();
-        if (y < half) { lane_sums[y][threadIdx.x] += lane_sums[y + half][threadIdx.x]; }
-    }
-    if (y == 0 && n < N) { dbias[(size_t)e * N + n] += lane_sums[0][threadIdx.x]; }
+    int e = blockIdx.y;
+    column_sums_block(dbias + (size_t)e * N, dY, (size_t)N, expert_offsets[e], expert_offsets[e + 1], N);
 }
 
 // fch_gelu = gelu(fch) over the used rows (the backward's recomputation, --recompute 1): the same
@@ -470,13 +458,15 @@ static void expert_mlp_backward(floatX* dinp, float* dfcw, float* dfcb, float* d
     // fcproj: d fch_gelu = dout . fcprojw_e (C x H, so W_e(k=c, n=h) = fcprojw[e][c][h]); dW = dout^T fch_gelu; db = sums of dout
     rows_gemm(version, dfch_gelu, NULL, dout, fcprojw, false, NULL, expert_offsets, max_rows, E, H, C, stream);
     weights_gemm(version, dfcprojw, dout, fch_gelu, expert_offsets, E, C, H, stream);
-    expert_bias_grad_kernel<<<dim3(ceil_div_int(C, BIAS_COLUMNS), E), dim3(BIAS_COLUMNS, BIAS_LANES), 0, stream>>>(dfcprojb, dout, expert_offsets, C);
+    expert_bias_grad_kernel<<<dim3(ceil_div_int(C, COLUMN_SUM_COLUMNS), E), dim3(COLUMN_SUM_COLUMNS, COLUMN_SUM_LANES), 0, stream>>>(
+        dfcprojb, dout, expert_offsets, C);
     cudaCheckLaunch();
     expert_gelu_backward_kernel<<<ceil_div_int((long long)max_rows * H, 256), 256, 0, stream>>>(dfch, fch, dfch_gelu, expert_offsets, E, H);
     cudaCheckLaunch();
     // fc: dinp = dfch . fcw_e (H x C, W_e(k=h, n=c) = fcw[e][h][c]); dW = dfch^T inp; db = sums of dfch
     rows_gemm(version, dinp, NULL, dfch, fcw, false, NULL, expert_offsets, max_rows, E, C, H, stream);
     weights_gemm(version, dfcw, dfch, inp, expert_offsets, E, H, C, stream);
-    expert_bias_grad_kernel<<<dim3(ceil_div_int(H, BIAS_COLUMNS), E), dim3(BIAS_COLUMNS, BIAS_LANES), 0, stream>>>(dfcb, dfch, expert_offsets, H);
+    expert_bias_grad_kernel<<<dim3(ceil_div_int(H, COLUMN_SUM_COLUMNS), E), dim3(COLUMN_SUM_COLUMNS, COLUMN_SUM_LANES), 0, stream>>>(
+        dfcb, dfch, expert_offsets, H);
     cudaCheckLaunch();
 }

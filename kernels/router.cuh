@@ -941,8 +941,7 @@ static void routing_stats_copy_in(DeviceRouting* r, const double* in) {
 // reads the sums since the last read (waits for the GPU) and clears them
 static void routing_stats_read(DeviceRouting* r, double* assignments, double* total, double* dropped, double* entropy_sum, double* tokens) {
     std::vector<double> s(r->E + 4);
-    cudaCheck(cudaDeviceSynchronize());
-    cudaCheck(cudaMemcpy(s.data(), r->stats, s.size() * sizeof(double), cudaMemcpyDeviceToHost));
+    routing_stats_copy_out(r, s.data());
     cudaCheck(cudaMemset(r->stats, 0, s.size() * sizeof(double)));
     for (int e = 0; e < r->E; e++) { assignments[e] = s[e]; }
     *total = s[r->E];
