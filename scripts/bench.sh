@@ -23,7 +23,9 @@ rm -f /tmp/bench_*.log  # each train_moe run's log, from this run only
 
 # median of a column over the step lines after the first 5
 median() { grep -E '^step +[0-9]+/' | awk -v col="$1" 'NR > 5 { for (i = 1; i <= NF; i++) if ($i == col) print $(i - 1) }' | sort -g | awk '{ v[NR] = $1 } END { if (NR) print v[int((NR + 1) / 2)]; else print "n/a" }'; }
-mfu() { grep -E '^step +[0-9]+/' | awk 'NR > 5 { for (i = 1; i <= NF; i++) if ($i == "MFU") print $(i + 1) }' | tr -d '%' | sort -g | awk '{ v[NR] = $1 } END { if (NR) print v[int((NR + 1) / 2)] "%"; else print "n/a" }'; }
+# median MFU over the same steps: the field AT fields after "MFU" (train_moe: "MFU 45.6%", AT=1;
+# llm.c: "45.6% bf16 MFU", AT=-2)
+mfu() { grep -E '^step +[0-9]+/' | awk -v at="${1:-1}" 'NR > 5 { for (i = 1; i <= NF; i++) if ($i == "MFU") print $(i + at) }' | tr -d '%' | sort -g | awk '{ v[NR] = $1 } END { if (NR) print v[int((NR + 1) / 2)] "%"; else print "n/a" }'; }
 
 # llm.c's train_gpt2cu (LLMC), dense GPT-2 124M from scratch (-e d12) at the same B, T and data:
 # built once into $LLMC/train_gpt2cu_bench, its log in /tmp/llmc_bench.log; one table row
@@ -46,13 +48,8 @@ llmc_row() {
         echo "| llm.c train_gpt2cu dense: did not train ($(grep -v '^ *$' "$log" | tail -n 2 | tr '\n' ' ' | cut -c1-160)) | | | | |"
         return
     fi
-    local ms tps mfu_llmc
-    ms=$(median ms < "$log")
-    tps=$(median tok/s < "$log")
-    # llm.c prints "45.6% bf16 MFU": its own estimate against its own peak table
-    mfu_llmc=$(grep -E '^step +[0-9]+/' "$log" | awk 'NR > 5 { for (i = 1; i <= NF; i++) if ($i == "MFU") print $(i - 2) }' | tr -d '%' |
-        sort -g | awk '{ v[NR] = $1 } END { if (NR) print v[int((NR + 1) / 2)] "% (llm.c'"'"'s own)"; else print "n/a" }')
-    echo "| llm.c train_gpt2cu dense (bf16, no cuDNN) | $ms | $tps | $mfu_llmc | |"
+    # llm.c's MFU is its own estimate against its own table of peaks
+    echo "| llm.c train_gpt2cu dense (bf16, no cuDNN) | $(median ms < "$log") | $(median tok/s < "$log") | $(mfu -2 < "$log") (llm.c's own) | |"
 }
 
 {
