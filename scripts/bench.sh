@@ -10,8 +10,33 @@
 # design.md's first target is a dense train_moe at least as fast. llm.c is built with nvcc
 # directly (bf16, no cuDNN, no MPI or NCCL), with scripts/llmc_cuda13.h for CUDA 13.
 # Usage: scripts/bench.sh [OUTFILE]   (B=8 STEPS=30 by default; needs the Tiny Shakespeare shards)
+#        LLMC=path/to/llm.c scripts/bench.sh --build-llmc   (only builds llm.c's train_gpt2cu, for
+#        sm_90 where there is no GPU to ask: scripts/gpu_prebuild.sh)
 set -u
 cd "$(dirname "$0")/.." || exit 1
+# median of a column over the step lines after the first 5
+median() { grep -E '^step +[0-9]+/' | awk -v col="$1" 'NR > 5 { for (i = 1; i <= NF; i++) if ($i == col) print $(i - 1) }' | sort -g | awk '{ v[NR] = $1 } END { if (NR) print v[int((NR + 1) / 2)]; else print "n/a" }'; }
+# median MFU over the same steps: the field AT fields after "MFU" (train_moe: "MFU 45.6%", AT=1;
+# llm.c: "45.6% bf16 MFU", AT=-2)
+mfu() { grep -E '^step +[0-9]+/' | awk -v at="${1:-1}" 'NR > 5 { for (i = 1; i <= NF; i++) if ($i == "MFU") print $(i + at) }' | tr -d '%' | sort -g | awk '{ v[NR] = $1 } END { if (NR) print v[int((NR + 1) / 2)] "%"; else print "n/a" }'; }
+
+# llm.c's train_gpt2cu (LLMC), built once into $LLMC/train_gpt2cu_bench for this GPU (sm_90 where
+# there is none to ask), its log in $1
+llmc_build() {
+    local arch nvml here=$PWD log=$1
+    [ -x "$LLMC/train_gpt2cu_bench" ] && return 0
+    arch=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -n 1 | tr -d '.')
+    nvml=$(ldconfig -p 2> /dev/null | awk '/libnvidia-ml\.so\.1 / { print $NF; exit }')
+    # NVML (llm.c's mfu.h uses it where nvml.h exists): none, the toolkit's link library, else the driver's own
+    local build=(nvcc -O3 --use_fast_math -std=c++17 -arch="sm_${arch:-90}" -DENABLE_BF16 -include "$here/scripts/llmc_cuda13.h"
+                 train_gpt2.cu -lcublas -lcublasLt -o train_gpt2cu_bench)
+    (cd "$LLMC" && { "${build[@]}" || "${build[@]}" -lnvidia-ml || { [ -n "$nvml" ] && "${build[@]}" "$nvml"; }; }) > "$log" 2>&1
+}
+if [ "${1:-}" = "--build-llmc" ]; then
+    [ -n "${LLMC:-}" ] || { echo "bench: --build-llmc needs LLMC=path/to/llm.c"; exit 2; }
+    llmc_build /dev/stdout && echo "bench: built $LLMC/train_gpt2cu_bench"
+    exit
+fi
 OUTFILE=${1:-/dev/stdout}
 B=${B:-8}
 STEPS=${STEPS:-30}
@@ -21,25 +46,10 @@ DATA=dev/data/tinyshakespeare/tiny_shakespeare_train.bin
 PYTHON=${PYTHON:-python3}
 rm -f /tmp/bench_*.log  # each train_moe run's log, from this run only
 
-# median of a column over the step lines after the first 5
-median() { grep -E '^step +[0-9]+/' | awk -v col="$1" 'NR > 5 { for (i = 1; i <= NF; i++) if ($i == col) print $(i - 1) }' | sort -g | awk '{ v[NR] = $1 } END { if (NR) print v[int((NR + 1) / 2)]; else print "n/a" }'; }
-# median MFU over the same steps: the field AT fields after "MFU" (train_moe: "MFU 45.6%", AT=1;
-# llm.c: "45.6% bf16 MFU", AT=-2)
-mfu() { grep -E '^step +[0-9]+/' | awk -v at="${1:-1}" 'NR > 5 { for (i = 1; i <= NF; i++) if ($i == "MFU") print $(i + at) }' | tr -d '%' | sort -g | awk '{ v[NR] = $1 } END { if (NR) print v[int((NR + 1) / 2)] "%"; else print "n/a" }'; }
-
-# llm.c's train_gpt2cu (LLMC), dense GPT-2 124M from scratch (-e d12) at the same B, T and data:
-# built once into $LLMC/train_gpt2cu_bench, its log in /tmp/llmc_bench.log; one table row
+# llm.c's dense GPT-2 124M from scratch (-e d12) at the same B, T and data: one table row
 llmc_row() {
-    local arch nvml here=$PWD log=/tmp/llmc_bench.log
-    arch=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -n 1 | tr -d '.')
-    nvml=$(ldconfig -p 2> /dev/null | awk '/libnvidia-ml\.so\.1 / { print $NF; exit }')
-    if [ ! -x "$LLMC/train_gpt2cu_bench" ]; then
-        # NVML (llm.c's mfu.h uses it where nvml.h exists): the toolkit's link library, else the driver's own
-        local build=(nvcc -O3 --use_fast_math -std=c++17 -arch="sm_${arch:-90}" -DENABLE_BF16 -include "$here/scripts/llmc_cuda13.h"
-                     train_gpt2.cu -lcublas -lcublasLt -o train_gpt2cu_bench)
-        (cd "$LLMC" && { "${build[@]}" || "${build[@]}" -lnvidia-ml || { [ -n "$nvml" ] && "${build[@]}" "$nvml"; }; }) > "$log" 2>&1
-    fi
-    if [ ! -x "$LLMC/train_gpt2cu_bench" ]; then
+    local here=$PWD log=/tmp/llmc_bench.log
+    if ! llmc_build "$log"; then
         echo "| llm.c train_gpt2cu dense: not built ($(grep -m 1 -i 'error' "$log" | cut -c1-120)) | | | | |"
         return
     fi

@@ -11,6 +11,9 @@
 #   train    short trainings on Tiny Shakespeare: dense GPT-2 124M shape, then upcycled to 8 experts
 #   studies  every dev/cuda kernel study: validation against the CPU twin and timing, both precisions
 #   bench    the benchmark (scripts/bench.sh; with LLMC=path/to/llm.c, llm.c's train_gpt2cu beside it)
+# With GPU_PREBUILT=ARCHIVE (scripts/gpu_prebuild.sh's, made on a machine without a GPU and
+# carried here), every part takes its binaries instead of compiling, where they were built from
+# these very sources and start on this machine; else the build part builds as usual.
 # Usage: scripts/gpu_check.sh OUTDIR [PART...] (default: all five, in this order). Writes
 # OUTDIR/report.md (a pass/fail table with timings, a row as each part ends) and the logs of each
 # part beside it; a second call with the parts left over adds to the same report. Tiny
@@ -52,6 +55,7 @@ part() {
 }
 
 FP32_BUILD=/tmp/gpu_check_fp32  # the FP32 train_moe and test_moe; the BF16 ones go here (./train_moe)
+DEV_CUDA_PREBUILT=               # the kernel studies' folder where they were prebuilt (dev/cuda/run_all.sh)
 # shellcheck disable=SC2317  # called through part
 build_all() {  # everything at once (nvcc uses one core a file): train_moe and test_moe in both precisions, the studies
     local pids=() rc=0
@@ -60,11 +64,43 @@ build_all() {  # everything at once (nvcc uses one core a file): train_moe and t
     make -s -j4 -C dev/cuda PRECISION=FP32 GPU_ARCH=90 & pids+=($!)
     make -s -j4 -C dev/cuda PRECISION=BF16 GPU_ARCH=90 & pids+=($!)
     for pid in "${pids[@]}"; do wait "$pid" || rc=1; done
-    return $rc
+    return "$rc"
 }
+# prebuilt_usable DIR: whether DIR (scripts/gpu_prebuild.sh) holds every binary, built from the
+# sources here, for this GPU (sm_90), each finding its libraries here (a build machine's newer
+# glibc or another CUDA would not); says why not
+prebuilt_usable() {
+    local dir=$1 bin missing arch
+    arch=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -n 1 | tr -d '.')
+    [ -z "$arch" ] || [ "$arch" = 90 ] || { echo "prebuilt: built for sm_90, this GPU is sm_$arch: building here"; return 1; }
+    [ "$(cat "$dir/sources" 2>/dev/null)" = "$(bash scripts/gpu_prebuild.sh --sources-checksum)" ] ||
+        { echo "prebuilt: $dir was built from other sources (or not at all): building here"; return 1; }
+    for bin in "$dir"/FP32/train_moe "$dir"/FP32/test_moe "$dir"/BF16/train_moe "$dir"/BF16/test_moe "$dir"/dev_cuda/*/*; do
+        [ -x "$bin" ] || { echo "prebuilt: no $bin: building here"; return 1; }
+        missing=$(ldd "$bin" 2>&1 | grep "not found")
+        [ -z "$missing" ] || { echo "prebuilt: $bin does not start here ($missing): building here"; return 1; }
+    done
+    "$dir/BF16/train_moe" -h > /dev/null 2>&1 || { echo "prebuilt: $dir/BF16/train_moe -h failed: building here"; return 1; }
+}
+use_prebuilt=false
+PREBUILT_DIR=/tmp/gpu_check_prebuilt
+if [ -n "${GPU_PREBUILT:-}" ] && rm -rf "$PREBUILT_DIR" && mkdir -p "$PREBUILT_DIR" &&
+    tar -xzf "$GPU_PREBUILT" -C "$PREBUILT_DIR" >> "$OUT/build.log" 2>&1 && prebuilt_usable "$PREBUILT_DIR" >> "$OUT/build.log" 2>&1; then
+    use_prebuilt=true  # for every part, also in a later call that does not name the build part
+    FP32_BUILD=$PREBUILT_DIR/FP32
+    DEV_CUDA_PREBUILT=$PREBUILT_DIR/dev_cuda
+    cp "$PREBUILT_DIR/BF16/train_moe" "$PREBUILT_DIR/BF16/test_moe" .
+    if [ -x "${LLMC:-/nonexistent}/train_gpt2cu_bench" ] && ldd "$LLMC/train_gpt2cu_bench" 2>&1 | grep -q "not found"; then
+        rm -f "$LLMC/train_gpt2cu_bench"  # it does not start here: scripts/bench.sh builds it
+    fi
+fi
 if wants build; then
-    mkdir -p "$FP32_BUILD"
-    part "build train_moe, test_moe and the dev/cuda studies (sm_90, FP32 and BF16; the trainings use BF16)" build.log build_all
+    if $use_prebuilt; then
+        part "prebuilt train_moe, test_moe and dev/cuda studies of $GPU_PREBUILT taken (sm_90, from these sources)" build.log true
+    else
+        mkdir -p "$FP32_BUILD"
+        part "build train_moe, test_moe and the dev/cuda studies (sm_90, FP32 and BF16; the trainings use BF16)${GPU_PREBUILT:+; $GPU_PREBUILT not used, build.log says why}" build.log build_all
+    fi
 fi
 export SHARED_DATA
 if wants tests; then
@@ -98,7 +134,7 @@ if wants train; then
     part "upcycle to 8 experts top-2, 30 steps (loss falls)" train.log train_check -m /tmp/gpu_check_dense/model_00000060.bin -e 8 -k 2 --init drop $DATA -b 8 -t 1024 -x 30 -l 3e-4 -v 15 -s 30 --stats-every 10
 fi
 if wants studies; then
-    part "dev/cuda kernel studies (FP32 and BF16)" dev_cuda.log bash dev/cuda/run_all.sh
+    part "dev/cuda kernel studies (FP32 and BF16)" dev_cuda.log env DEV_CUDA_PREBUILT="$DEV_CUDA_PREBUILT" bash dev/cuda/run_all.sh
 fi
 if wants bench; then
     part "benchmark (scripts/bench.sh)" bench.log bash scripts/bench.sh "$OUT/bench.md"

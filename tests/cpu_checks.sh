@@ -275,3 +275,34 @@ else
     fail ablation_recipe "exit status $ablate_rc, $rows summary rows (5 expected), csv '$header', first losses dense $(first dense) copy $(first copy) drop $(first drop): $(tail -n 2 "$TMP/ablate.out" | tr '\n' ' ')"
 fi
 expect_error ablation_recipe_without_checkpoint "not a file" bash scripts/ablate.sh "$BAD/nothing.bin"
+
+# scripts/gpu_check.sh with GPU_PREBUILT (binaries of scripts/gpu_prebuild.sh, built where there is
+# no GPU): in a copy of the sources, an archive of stand-ins (scripts that print a line) with the
+# sources' checksum is taken, and the studies run from it with no build (NVCC=false: any build
+# would fail); once a source changes, the archive is refused and the build part builds
+GPUC=$TMP/gpu_check_prebuilt
+mkdir -p "$GPUC/tree/tests" "$GPUC/tree/dev/cuda" "$GPUC/tree/scripts" "$GPUC/stubs/FP32" "$GPUC/stubs/BF16"
+cp -r Makefile train_moe.cu test_moe.cu train_moe_cpu.cpp common kernels "$GPUC/tree/"
+cp tests/test_common.h "$GPUC/tree/tests/"
+cp dev/cuda/Makefile dev/cuda/*.cu dev/cuda/*.cuh dev/cuda/run_all.sh "$GPUC/tree/dev/cuda/"
+cp scripts/gpu_check.sh scripts/gpu_prebuild.sh "$GPUC/tree/scripts/"
+for path in FP32/train_moe FP32/test_moe BF16/train_moe BF16/test_moe $(cd dev/cuda && for f in *.cu; do echo "dev_cuda/FP32/${f%.cu} dev_cuda/BF16/${f%.cu}"; done); do
+    mkdir -p "$(dirname "$GPUC/stubs/$path")"
+    printf '#!/bin/sh\necho "PASS stand-in %s"\n' "$path" > "$GPUC/stubs/$path"
+    chmod +x "$GPUC/stubs/$path"
+done
+bash scripts/gpu_prebuild.sh --sources-checksum > "$GPUC/stubs/sources"
+tar -czf "$GPUC/prebuilt.tar.gz" -C "$GPUC/stubs" .
+NVCC=false GPU_PREBUILT=$GPUC/prebuilt.tar.gz bash "$GPUC/tree/scripts/gpu_check.sh" "$GPUC/taken" build studies > /dev/null 2>&1
+taken_rc=$?
+studies_ran=$(grep -c '^PASS stand-in dev_cuda/' "$GPUC/taken/dev_cuda.log" 2>/dev/null)
+echo "// an edit after the prebuild" >> "$GPUC/tree/kernels/gelu.cuh"
+NVCC=false GPU_PREBUILT=$GPUC/prebuilt.tar.gz bash "$GPUC/tree/scripts/gpu_check.sh" "$GPUC/refused" build > /dev/null 2>&1
+refused_rc=$?
+if [ "$taken_rc" -eq 0 ] && grep -q '^| prebuilt .* | PASS |' "$GPUC/taken/report.md" && cmp -s "$GPUC/stubs/BF16/test_moe" "$GPUC/tree/test_moe" &&
+   [ "$studies_ran" = $((2 * $(ls dev/cuda/*.cu | wc -l))) ] && [ "$refused_rc" -ne 0 ] &&
+   grep -q '^| build .*not used.* | FAIL' "$GPUC/refused/report.md" && grep -q 'built from other sources' "$GPUC/refused/build.log"; then
+    pass gpu_check_prebuilt "GPU_PREBUILT: the archive of the same sources taken, its $studies_ran study binaries run with no build; after an edit, refused and built anew"
+else
+    fail gpu_check_prebuilt "taken: exit $taken_rc, $studies_ran studies run, report: $(grep -E '^\| (prebuilt|build) ' "$GPUC/taken/report.md" | head -n 1 | cut -c1-120); after an edit: exit $refused_rc, $(head -n 1 "$GPUC/refused/build.log" 2>/dev/null)"
+fi
