@@ -43,18 +43,24 @@ status=0
     echo "|---|---|---|"
 } >> "$REPORT"
 
-# part NAME LOG command...: runs it, adds a table row
+# part NAME LOG LIMIT command...: runs it (a command, or a function of this script), stopped with
+# all its processes after LIMIT seconds, so that a part that hangs on the GPU (a kernel that never
+# ends) costs its limit, not the lease (LIMIT_S=N: every part's limit N seconds); adds a table row
 part() {
-    local name=$1 log=$2; shift 2
+    local name=$1 log=$2 limit=${LIMIT_S:-$3}; shift 3
     local t0=$SECONDS
-    "$@" >> "$OUT/$log" 2>&1
+    timeout --kill-after=10 "$limit" bash -c '"$@"' part "$@" >> "$OUT/$log" 2>&1
     local rc=$?
     local result=PASS
-    [ "$rc" -eq 0 ] || { result="FAIL (exit $rc)"; status=1; }
+    if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
+        result="FAIL (stopped after its limit of $limit s)"; status=1
+    elif [ "$rc" -ne 0 ]; then
+        result="FAIL (exit $rc)"; status=1
+    fi
     echo "| $name | $result | $((SECONDS - t0)) |" >> "$REPORT"
 }
 
-FP32_BUILD=/tmp/gpu_check_fp32  # the FP32 train_moe and test_moe; the BF16 ones go here (./train_moe)
+export FP32_BUILD=/tmp/gpu_check_fp32  # the FP32 train_moe and test_moe; the BF16 ones go here (./train_moe)
 DEV_CUDA_PREBUILT=               # the kernel studies' folder where they were prebuilt (dev/cuda/run_all.sh)
 # shellcheck disable=SC2317  # called through part
 build_all() {  # everything at once (nvcc uses one core a file): train_moe and test_moe in both precisions, the studies
@@ -66,6 +72,7 @@ build_all() {  # everything at once (nvcc uses one core a file): train_moe and t
     for pid in "${pids[@]}"; do wait "$pid" || rc=1; done
     return "$rc"
 }
+export -f build_all  # part runs it in a bash of its own
 # prebuilt_usable DIR: whether DIR (scripts/gpu_prebuild.sh) holds every binary, built from the
 # sources here, for this GPU (sm_90), each finding its libraries here (a build machine's newer
 # glibc or another CUDA would not); says why not
@@ -96,24 +103,24 @@ if [ -n "${GPU_PREBUILT:-}" ] && rm -rf "$PREBUILT_DIR" && mkdir -p "$PREBUILT_D
 fi
 if wants build; then
     if $use_prebuilt; then
-        part "prebuilt train_moe, test_moe and dev/cuda studies of $GPU_PREBUILT taken (sm_90, from these sources)" build.log true
+        part "prebuilt train_moe, test_moe and dev/cuda studies of $GPU_PREBUILT taken (sm_90, from these sources)" build.log 10 true
     else
         mkdir -p "$FP32_BUILD"
-        part "build train_moe, test_moe and the dev/cuda studies (sm_90, FP32 and BF16; the trainings use BF16)${GPU_PREBUILT:+; $GPU_PREBUILT not used, build.log says why}" build.log build_all
+        part "build train_moe, test_moe and the dev/cuda studies (sm_90, FP32 and BF16; the trainings use BF16)${GPU_PREBUILT:+; $GPU_PREBUILT not used, build.log says why}" build.log 600 build_all
     fi
 fi
 export SHARED_DATA
 if wants tests; then
     prebuilt=()  # the build part's binaries, where it ran (else make test builds its own)
     [ -x ./test_moe ] && [ -x "$FP32_BUILD/test_moe" ] && prebuilt=(CUDA_PREBUILT_BF16=. "CUDA_PREBUILT_FP32=$FP32_BUILD")
-    part "make test, GPU share (reference states vs the CPU twin, test_moe FP32 and BF16)" tests.log \
+    part "make test, GPU share (reference states vs the CPU twin, test_moe FP32 and BF16)" tests.log 300 \
         env GPU_ONLY=1 "${prebuilt[@]}" make --no-print-directory test
 fi
 if { wants train || wants bench; } && [ ! -f dev/data/tinyshakespeare/tiny_shakespeare_train.bin ]; then
-    part "prepare Tiny Shakespeare" train.log python3 dev/data/prepare.py --input "$SHARED_DATA/tinyshakespeare.txt" --bpe-dir "$SHARED_DATA/gpt2"
+    part "prepare Tiny Shakespeare" train.log 120 python3 dev/data/prepare.py --input "$SHARED_DATA/tinyshakespeare.txt" --bpe-dir "$SHARED_DATA/gpt2"
 fi
 if wants train && [ ! -x ./train_moe ]; then  # bench.sh builds it itself
-    part "build train_moe (sm_90, BF16)" build.log make -s train_moe PRECISION=BF16 GPU_ARCHS=90
+    part "build train_moe (sm_90, BF16)" build.log 600 make -s train_moe PRECISION=BF16 GPU_ARCHS=90
 fi
 # shellcheck disable=SC2317  # called through part
 train_check() {  # trains (exit status 0: it stops with an error if a loss is not finite), then checks that the loss fell
@@ -126,18 +133,20 @@ train_check() {  # trains (exit status 0: it stops with an error if a loss is no
     echo "loss $first -> $last"
     awk -v a="$first" -v b="$last" 'BEGIN { exit !(b == b + 0 && b < a) }'
 }
+export -f train_check  # part runs it in a bash of its own
+export OUT
 DATA="-i dev/data/tinyshakespeare/tiny_shakespeare_train.bin -j dev/data/tinyshakespeare/tiny_shakespeare_val.bin"
 if wants train; then
     # shellcheck disable=SC2086
-    part "train dense d12 from scratch, 60 steps (loss falls)" train.log train_check -m d12 -e 1 $DATA -b 8 -t 1024 -x 60 -l 6e-4 -u 10 -v 30 -s 60 -o /tmp/gpu_check_dense
+    part "train dense d12 from scratch, 60 steps (loss falls)" train.log 150 train_check -m d12 -e 1 $DATA -b 8 -t 1024 -x 60 -l 6e-4 -u 10 -v 30 -s 60 -o /tmp/gpu_check_dense
     # shellcheck disable=SC2086
-    part "upcycle to 8 experts top-2, 30 steps (loss falls)" train.log train_check -m /tmp/gpu_check_dense/model_00000060.bin -e 8 -k 2 --init drop $DATA -b 8 -t 1024 -x 30 -l 3e-4 -v 15 -s 30 --stats-every 10
+    part "upcycle to 8 experts top-2, 30 steps (loss falls)" train.log 150 train_check -m /tmp/gpu_check_dense/model_00000060.bin -e 8 -k 2 --init drop $DATA -b 8 -t 1024 -x 30 -l 3e-4 -v 15 -s 30 --stats-every 10
 fi
 if wants studies; then
-    part "dev/cuda kernel studies (FP32 and BF16)" dev_cuda.log env DEV_CUDA_PREBUILT="$DEV_CUDA_PREBUILT" bash dev/cuda/run_all.sh
+    part "dev/cuda kernel studies (FP32 and BF16)" dev_cuda.log 240 env DEV_CUDA_PREBUILT="$DEV_CUDA_PREBUILT" bash dev/cuda/run_all.sh
 fi
 if wants bench; then
-    part "benchmark (scripts/bench.sh)" bench.log bash scripts/bench.sh "$OUT/bench.md"
+    part "benchmark (scripts/bench.sh)" bench.log 300 bash scripts/bench.sh "$OUT/bench.md"
 fi
 
 {

@@ -306,3 +306,17 @@ if [ "$taken_rc" -eq 0 ] && grep -q '^| prebuilt .* | PASS |' "$GPUC/taken/repor
 else
     fail gpu_check_prebuilt "taken: exit $taken_rc, $studies_ran studies run, report: $(grep -E '^\| (prebuilt|build) ' "$GPUC/taken/report.md" | head -n 1 | cut -c1-120); after an edit: exit $refused_rc, $(head -n 1 "$GPUC/refused/build.log" 2>/dev/null)"
 fi
+# a part that hangs (a kernel that never ends, on a GPU) is stopped at its limit, with all its
+# processes, and the report says so: here a train_moe that sleeps, with every limit 2 s (LIMIT_S)
+printf '#!/bin/sh\nsleep 97\n' > "$GPUC/tree/train_moe"
+chmod +x "$GPUC/tree/train_moe"
+mkdir -p "$GPUC/tree/dev/data/tinyshakespeare" && touch "$GPUC/tree/dev/data/tinyshakespeare/tiny_shakespeare_train.bin"
+t0=$SECONDS
+LIMIT_S=2 bash "$GPUC/tree/scripts/gpu_check.sh" "$GPUC/hang" train > /dev/null 2>&1
+hang_rc=$? hang_s=$((SECONDS - t0))
+left=$(pgrep -f "sleep 97" | wc -l)
+if [ "$hang_rc" -ne 0 ] && [ "$(grep -c '| FAIL (stopped after its limit of 2 s) |' "$GPUC/hang/report.md")" = 2 ] && [ "$hang_s" -lt 20 ] && [ "$left" = 0 ]; then
+    pass gpu_check_part_limit "a hanging part stopped at its limit (2 trainings, ${hang_s} s in all), no process left, the report says so"
+else
+    fail gpu_check_part_limit "exit $hang_rc after $hang_s s, $left processes left, rows: $(grep '^| train\|^| upcycle' "$GPUC/hang/report.md" | tr '\n' ' ' | cut -c1-200)"
+fi
