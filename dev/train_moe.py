@@ -14,8 +14,10 @@ doc/formats.md, doc/upcycling.md and doc/routing.md; the comments below cite the
     python3 dev/train_moe.py upcycle -m DENSE --write-model FILE [MoE options]
 
 `-m` is a dense llm.c checkpoint (upcycled when -e > 1), an MoE checkpoint (used as it is; its
-routing options can be overridden), or a shape (d12, or L:C:NH:maxT with --vocab) built fresh.
-Runs on the CPU with Debian's torch 1.13 and on a GPU with torch 2.x (--device cuda, no TF32).
+routing options can be overridden), or a shape (d12, or L:C:NH:maxT) built fresh, with --vocab
+words (default 50257, as in the engines).
+Runs on the CPU with Debian's torch 1.13 (and trixie's torch 2.6: tests/newer_torch.sh), and on
+a GPU with torch 2.x (--device cuda, no TF32).
 """
 import argparse
 import math
@@ -1064,7 +1066,7 @@ def cmd_bench(a):
 def add_model_options(p):
     g = p.add_argument_group("model and MoE")
     g.add_argument("-m", "--model", required=True, help="checkpoint (dense or MoE), or a shape d12 / L:C:NH:maxT")
-    g.add_argument("--vocab", type=int, default=None, help="V, for a model given as a shape")
+    g.add_argument("--vocab", type=int, default=50257, help="V, for a model given as a shape (default 50257, GPT-2's, as the engines)")
     g.add_argument("-e", "--experts", type=int, default=None, help="experts per MoE layer, 1 = dense (default 1)")
     g.add_argument("-k", "--topk", type=int, default=None, help="experts per token (default 2, or the checkpoint's)")
     g.add_argument("--granularity", type=int, default=None, help="G: each expert holds 4C/G units (default 1)")

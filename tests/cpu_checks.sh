@@ -276,6 +276,23 @@ else
 fi
 expect_error ablation_recipe_without_checkpoint "not a file" bash scripts/ablate.sh "$BAD/nothing.bin"
 
+# scripts/bench.sh's PyTorch rows: the reference's bench on a shape with no --vocab (bench.sh gives
+# -m d12; GPT-2's vocabulary by default, as the engines), dense and MoE, each with the line that
+# bench.sh reads (its "median ... ms" and "... tokens/s"); here on the CPU and a small shape
+bench_lines=""
+for options in "-e 1" "-e 8 -k 2"; do
+    # shellcheck disable=SC2086
+    line=$($REF bench -m 2:64:2:64 -i "$SHARD" -b 2 -t 32 --steps 3 --device cpu $options 2>&1 | grep '^bench:')
+    ms=$(echo "$line" | grep -o 'median [0-9.]* ms' | awk '{print $2}')
+    tps=$(echo "$line" | grep -o '[0-9.]* tokens/s' | awk '{print $1}')
+    [ -n "$ms" ] && [ -n "$tps" ] && bench_lines="$bench_lines|$ms ms $tps tokens/s"
+done
+if [ "$(echo "$bench_lines" | tr -cd '|' | wc -c)" = 2 ]; then
+    pass reference_bench_rows "dev/train_moe.py bench from a shape with no --vocab, dense and MoE, with the fields bench.sh reads: ${bench_lines#|}"
+else
+    fail reference_bench_rows "no bench line bench.sh can read: $($REF bench -m 2:64:2:64 -i "$SHARD" -b 2 -t 32 --steps 3 --device cpu 2>&1 | tail -n 1 | cut -c1-200)"
+fi
+
 # scripts/gpu_check.sh with GPU_PREBUILT (binaries of scripts/gpu_prebuild.sh, built where there is
 # no GPU): in a copy of the sources, an archive of stand-ins (scripts that print a line) with the
 # sources' checksum is taken, and the studies run from it with no build (NVCC=false: any build
