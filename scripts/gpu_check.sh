@@ -155,7 +155,7 @@ fi
         echo "## test results"
         echo
         echo '```'
-        if wants tests; then grep -E 'passed, .* failed|^FAIL|GPU tests skipped' "$OUT/tests.log"; fi
+        if wants tests; then grep -E 'passed, .* failed|^FAIL|^GPU tests skipped' "$OUT/tests.log"; fi
         if wants studies; then
             grep -c '^PASS' "$OUT/dev_cuda.log" | sed 's/^/dev\/cuda checks passed: /'
             grep -E '^FAIL' "$OUT/dev_cuda.log"
