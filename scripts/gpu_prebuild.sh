@@ -11,6 +11,8 @@
 # a checksum of the sources, so an edit after the prebuild means a build there.
 # Usage: scripts/gpu_prebuild.sh [ARCHIVE]   (default .gpu_build.tar.gz, which .gitignore ignores)
 #        scripts/gpu_prebuild.sh --sources-checksum   (prints the checksum of the sources now)
+#        scripts/gpu_prebuild.sh --pack DIR ARCHIVE   (packs binaries built elsewhere, laid out as
+#        below: FP32/ and BF16/ with train_moe and test_moe, dev_cuda/FP32/ and dev_cuda/BF16/)
 set -u
 cd "$(dirname "$0")/.." || exit 1
 # every file the CUDA builds read (not git's list: the GPU machine's copy has no .git)
@@ -18,7 +20,10 @@ sources_checksum() {
     cat Makefile train_moe.cu test_moe.cu train_moe_cpu.cpp tests/test_common.h common/*.h kernels/*.cuh \
         dev/cuda/Makefile dev/cuda/*.cu dev/cuda/*.cuh | sha256sum | cut -c1-16
 }
+# pack DIR ARCHIVE: DIR's binaries and the checksum of the sources they were built from
+pack() { sources_checksum > "$1/sources" && tar -czf "$2" -C "$1" .; }
 if [ "${1:-}" = "--sources-checksum" ]; then sources_checksum; exit 0; fi
+if [ "${1:-}" = "--pack" ]; then pack "${2:?--pack DIR ARCHIVE}" "${3:?--pack DIR ARCHIVE}"; exit; fi
 ARCHIVE=${1:-.gpu_build.tar.gz}
 DIR=/tmp/gpu_prebuild
 rm -rf "$DIR"
@@ -39,7 +44,6 @@ if [ $status -ne 0 ]; then
     echo "gpu_prebuild: a build failed (logs in $DIR/build_*.log)"
     exit 1
 fi
-sources_checksum > "$DIR/sources"
 rm -f "$DIR"/build_*.log
-tar -czf "$ARCHIVE" -C "$DIR" . || exit 1
+pack "$DIR" "$ARCHIVE" || exit 1
 echo "gpu_prebuild: built in $((SECONDS - t0)) s, $ARCHIVE ($(du -h "$ARCHIVE" | cut -f1)), sources $(cat "$DIR/sources")"

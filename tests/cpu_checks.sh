@@ -308,8 +308,7 @@ for path in FP32/train_moe FP32/test_moe BF16/train_moe BF16/test_moe $(cd dev/c
     printf '#!/bin/sh\necho "PASS stand-in %s"\n' "$path" > "$GPUC/stubs/$path"
     chmod +x "$GPUC/stubs/$path"
 done
-bash scripts/gpu_prebuild.sh --sources-checksum > "$GPUC/stubs/sources"
-tar -czf "$GPUC/prebuilt.tar.gz" -C "$GPUC/stubs" .
+bash scripts/gpu_prebuild.sh --pack "$GPUC/stubs" "$GPUC/prebuilt.tar.gz"
 NVCC=false GPU_PREBUILT=$GPUC/prebuilt.tar.gz bash "$GPUC/tree/scripts/gpu_check.sh" "$GPUC/taken" build studies > /dev/null 2>&1
 taken_rc=$?
 studies_ran=$(grep -c '^PASS stand-in dev_cuda/' "$GPUC/taken/dev_cuda.log" 2>/dev/null)

@@ -3,8 +3,8 @@
 # build and tests parts with GPU_PREBUILT, which run make test's GPU share (GPU_ONLY=1) and in it
 # the GPU branch of tests/gpu_tests.sh (test_moe against the reference states and its invariants
 # in both precisions, train_moe against the twin, --breakdown). The binaries are the GPU engine's
-# own sources built for the CUDA emulation (tests/emu), packed as scripts/gpu_prebuild.sh packs
-# them; nvidia-smi is a stand-in that reports one sm_90 GPU. What it checks is the scripts'
+# own sources built for the CUDA emulation (tests/emu), packed by scripts/gpu_prebuild.sh --pack;
+# nvidia-smi is a stand-in that reports one sm_90 GPU. What it checks is the scripts'
 # plumbing, the branches that make test takes only on a GPU: the kernels' results are checked by
 # make test's emulation section already. About 6 minutes on 2 cores; not part of make test.
 # Usage: tests/fake_gpu.sh [OUTDIR]   (default /tmp/fake_gpu; gpu_check's report is OUTDIR/report.md)
@@ -28,13 +28,8 @@ esac
 EOF
 chmod +x "$WORK/bin/nvidia-smi"
 python3 tests/emu/translate.py . "$WORK/src" > "$WORK/translate.log" 2>&1 || { cat "$WORK/translate.log"; exit 1; }
-# build SOURCE PRECISION BINARY: the translated SOURCE for the emulation, as tests/emu/run.sh builds it
-build() {
-    local flags=""
-    [ "$2" = FP32 ] && flags=-DENABLE_FP32
-    mkdir -p "$(dirname "$3")"
-    g++ -x c++ -std=c++17 -O2 -fno-strict-aliasing -w -fopenmp $flags -include "$PWD/tests/emu/cuda_emu.h" -o "$3" "$WORK/src/$1"
-}
+# build SOURCE PRECISION BINARY: the translated SOURCE for the emulation
+build() { mkdir -p "$(dirname "$3")" && bash tests/emu/compile.sh "$WORK/src/$1" "$2" "$3"; }
 t0=$SECONDS
 pids=()
 for precision in FP32 BF16; do
@@ -48,8 +43,7 @@ done
 status=0
 for pid in "${pids[@]}"; do wait "$pid" || status=1; done
 [ $status -eq 0 ] || { echo "fake_gpu: an emulated build failed"; exit 1; }
-bash scripts/gpu_prebuild.sh --sources-checksum > "$WORK/prebuilt/sources"
-tar -czf "$WORK/prebuilt.tar.gz" -C "$WORK/prebuilt" .
+bash scripts/gpu_prebuild.sh --pack "$WORK/prebuilt" "$WORK/prebuilt.tar.gz" || exit 1
 # gpu_check runs in a copy of the checkout (tracked and untracked files, not the ignored): it puts
 # the prebuilt train_moe and test_moe in its root, where this checkout may have real ones
 mkdir -p "$WORK/tree"

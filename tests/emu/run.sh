@@ -54,19 +54,16 @@ JOBS=${JOBS:-$(nproc)}
 throttle() { while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n; done; }
 
 # build NAME SOURCE PRECISION [memcheck]: the translated SOURCE into $OUT/NAME_PRECISION (with
-# "memcheck": NAME_PRECISION.memcheck, sanitized), log in the same name plus .build. CUDA code
-# reads bf16 pairs through uint32_t pointers, which nvcc allows: no strict aliasing for g++ either.
+# "memcheck": NAME_PRECISION.memcheck, sanitized), log in the same name plus .build
 build() {
     local name=$1 source=$2 precision=$3 kind=${4:-}
-    local flags binary=$OUT/${name}_$precision
-    flags=$([ "$precision" = FP32 ] && echo "-DENABLE_FP32" || echo "")
+    local flags="" binary=$OUT/${name}_$precision
     if [ "$kind" = memcheck ]; then
-        flags="$flags $SANITIZE_FLAGS"
+        flags=$SANITIZE_FLAGS
         binary=$binary.memcheck
     fi
     # shellcheck disable=SC2086
-    $CXX -x c++ -std=c++17 -O2 -fno-strict-aliasing -w -fopenmp $flags -include "$PWD/tests/emu/cuda_emu.h" \
-        -o "$binary" "$OUT/src/$source" > "$binary.build" 2>&1
+    bash tests/emu/compile.sh "$OUT/src/$source" "$precision" "$binary" $flags > "$binary.build" 2>&1
 }
 # binary NAME PRECISION ORDER: the build that ORDER's runs use
 binary() {
