@@ -6,6 +6,7 @@
 #            all at once: the parts after it build nothing more
 #   tests    make test's GPU share (GPU_ONLY=1): the PyTorch reference's states, checked against
 #            the CPU twin, then test_moe in both precisions against them, and its invariants,
+#            and under compute-sanitizer (tests/gpu_sanitize.sh: memcheck, racecheck, synccheck),
 #            with the binaries of the build part (the CPU-only checks, the builds for sm_80 and
 #            the CUDA emulation are CI's: a GPU machine's time is short)
 #   train    short trainings on Tiny Shakespeare: dense GPT-2 124M shape, then upcycled to 8 experts

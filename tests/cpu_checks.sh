@@ -336,3 +336,37 @@ if [ "$hang_rc" -ne 0 ] && [ "$(grep -c '| FAIL (stopped after its limit of 2 s)
 else
     fail gpu_check_part_limit "exit $hang_rc after $hang_s s, $left processes left, rows: $(grep '^| train\|^| upcycle' "$GPUC/hang/report.md" | tr '\n' ' ' | cut -c1-200)"
 fi
+
+# tests/gpu_sanitize.sh (compute-sanitizer over test_moe, on a GPU machine) reads the tool's verdicts
+# right: here stand-ins for the tool and for test_moe. memcheck finds nothing (PASS, except where the
+# stand-in test_moe fails a check under it), racecheck reports a hazard, synccheck hangs past the
+# limit (each FAIL); a tool that cannot run on the GPU, or none at all, SKIPs
+SAN=$TMP/sanitize
+mkdir -p "$SAN/states/cuda_FP32" "$SAN/states/cuda_BF16"
+for name in e8_k2_capacity1_drops e4_expert_choice; do echo "-e 4 -k 2" > "$SAN/states/$name.options"; done
+printf '#!/bin/sh\necho "PASS $2.logits: fine"\n[ "$2" = e4_expert_choice ] && { echo "FAIL $2.loss: off"; exit 1; }\nexit 0\n' > "$SAN/states/cuda_FP32/test_moe"
+cp "$SAN/states/cuda_FP32/test_moe" "$SAN/states/cuda_BF16/test_moe"
+cat > "$SAN/verdicts" <<'STUB'
+#!/bin/sh
+tool=$2; shift 6
+case $tool in
+    memcheck) "$@"; rc=$?; echo "========= ERROR SUMMARY: 0 errors"; exit $rc ;;
+    racecheck) "$@"; echo "========= Error: Race reported between Write access at f+0x10 and Read access at f+0x20"
+               echo "========= RACECHECK SUMMARY: 1 hazard displayed (1 error, 0 warnings)"; echo "========= ERROR SUMMARY: 1 error"; exit 99 ;;
+    synccheck) exec sleep 61 ;;
+esac
+STUB
+printf '#!/bin/sh\necho "========= Error: Device not supported"\necho "error: CUDA error 999"\necho "========= ERROR SUMMARY: 0 errors"\nexit 1\n' > "$SAN/unsupported"
+chmod +x "$SAN/states/cuda_FP32/test_moe" "$SAN/states/cuda_BF16/test_moe" "$SAN/verdicts" "$SAN/unsupported"
+verdicts=$(COMPUTE_SANITIZER=$SAN/verdicts SANITIZE_LIMIT_S=2 bash tests/gpu_sanitize.sh "$SAN/states" 2>&1)
+unsupported=$(COMPUTE_SANITIZER=$SAN/unsupported bash tests/gpu_sanitize.sh "$SAN/states" 2>&1)
+none=$(COMPUTE_SANITIZER=$SAN/nothing bash tests/gpu_sanitize.sh "$SAN/states" 2>&1)
+got=$(echo "$verdicts" | sed -E 's/^(PASS|FAIL|SKIP) gpu_sanitize\.([a-z]+)\[([a-zA-Z0-9_.]+)\]: ([a-z0-9 ]*[a-z0-9]).*/\1 \2 \3 \4/' | tr '\n' '|')
+want="PASS memcheck e8_k2_capacity1_drops.FP32 0 errors over test|FAIL memcheck e4_expert_choice.FP32 0 sanitizer errors|FAIL racecheck e8_k2_capacity1_drops.FP32 1 errors|FAIL synccheck e8_k2_capacity1_drops.FP32 did not finish within 2 s|"
+want="$want${want//FP32/BF16}"
+if [ "$got" = "$want" ] && [ "$(echo "$unsupported" | grep -c '^SKIP gpu_sanitize\..*cannot run on this GPU: Error: Device not supported')" = 8 ] &&
+   [ "$none" = "SKIP gpu_sanitize: no compute-sanitizer found (COMPUTE_SANITIZER, PATH, /usr/local/cuda*)" ] && [ -z "$(pgrep -f 'sleep 61')" ]; then
+    pass gpu_sanitize_verdicts "tests/gpu_sanitize.sh with a stand-in compute-sanitizer: 0 errors PASS, a test_moe FAIL under it, a reported race and a run past the limit FAIL, an unsupported device and no tool SKIP"
+else
+    fail gpu_sanitize_verdicts "got '$(echo "$got" | cut -c1-400)'; unsupported: $(echo "$unsupported" | head -n 1 | cut -c1-150); none: $none"
+fi

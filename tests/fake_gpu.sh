@@ -2,7 +2,8 @@
 # A dry run, on a machine without a GPU, of the GPU-only paths of the scripts: scripts/gpu_check.sh's
 # build and tests parts with GPU_PREBUILT, which run make test's GPU share (GPU_ONLY=1) and in it
 # the GPU branch of tests/gpu_tests.sh (test_moe against the reference states and its invariants
-# in both precisions, train_moe against the twin, --breakdown). The binaries are the GPU engine's
+# in both precisions, train_moe against the twin, --breakdown, tests/gpu_sanitize.sh with a
+# stand-in compute-sanitizer that runs test_moe as it is). The binaries are the GPU engine's
 # own sources built for the CUDA emulation (tests/emu), packed by scripts/gpu_prebuild.sh --pack;
 # nvidia-smi is a stand-in that reports one sm_90 GPU. What it checks is the scripts'
 # plumbing, the branches that make test takes only on a GPU: the kernels' results are checked by
@@ -26,7 +27,17 @@ case "$*" in
     *) echo "CUDA emulation (tests/emu)" ;;
 esac
 EOF
-chmod +x "$WORK/bin/nvidia-smi"
+# stand-in: runs the program as it is and reports no errors, so that tests/gpu_sanitize.sh's runs
+# and its reading of their logs go through (the emulation's sanitized builds look for memory errors)
+cat > "$WORK/bin/compute-sanitizer" << 'EOF'
+#!/bin/sh
+while [ "$#" -gt 0 ] && [ "${1#--}" != "$1" ]; do shift 2; done
+"$@"
+rc=$?
+echo "========= ERROR SUMMARY: 0 errors (a stand-in, tests/fake_gpu.sh)"
+exit $rc
+EOF
+chmod +x "$WORK/bin/nvidia-smi" "$WORK/bin/compute-sanitizer"
 python3 tests/emu/translate.py . "$WORK/src" > "$WORK/translate.log" 2>&1 || { cat "$WORK/translate.log"; exit 1; }
 # build SOURCE PRECISION BINARY: the translated SOURCE for the emulation
 build() { mkdir -p "$(dirname "$3")" && bash tests/emu/compile.sh "$WORK/src/$1" "$2" "$3"; }
@@ -50,5 +61,6 @@ mkdir -p "$WORK/tree"
 git ls-files -z -c -o --exclude-standard | xargs -0 cp --parents -t "$WORK/tree" || exit 1
 shared=$(cd "${SHARED_DATA:-../shared/data}" 2> /dev/null && pwd)
 echo "fake_gpu: emulated binaries built in $((SECONDS - t0)) s; gpu_check.sh build tests"
-# the emulation is slow: every part may take 1200 s (the limits are set for a GPU)
-PATH=$WORK/bin:$PATH LIMIT_S=1200 GPU_PREBUILT=$WORK/prebuilt.tar.gz SHARED_DATA=${shared:-../shared/data} bash "$WORK/tree/scripts/gpu_check.sh" "$OUT" build tests
+# the emulation is slow: every part, and every sanitizer run, may take 1200 s (the limits are set
+# for a GPU)
+PATH=$WORK/bin:$PATH LIMIT_S=1200 SANITIZE_LIMIT_S=1200 GPU_PREBUILT=$WORK/prebuilt.tar.gz SHARED_DATA=${shared:-../shared/data} bash "$WORK/tree/scripts/gpu_check.sh" "$OUT" build tests

@@ -6,8 +6,8 @@
 #      the register file (tests/kernel_resources.py, from ptxas's report: what no emulation sees);
 #      or, with CUDA_PREBUILT_BF16 and CUDA_PREBUILT_FP32, take the binaries in those folders;
 #   2. with a GPU: test_moe against the same reference states, and its invariants, both precisions,
-#      train_moe's own loop (FP32) against the twin's (tests/same_run.py), and its --breakdown 1
-#      (tests/breakdown.sh);
+#      train_moe's own loop (FP32) against the twin's (tests/same_run.py), its --breakdown 1
+#      (tests/breakdown.sh), and compute-sanitizer over test_moe (tests/gpu_sanitize.sh);
 #      without one: train_moe's -h and its clear stop for want of a GPU, then "GPU tests skipped:
 #      no GPU", nothing of the GPU suite counted.
 set -u
@@ -95,6 +95,13 @@ if ! nvidia-smi -L > /dev/null 2>&1; then
     echo "GPU tests skipped: no GPU"
     exit 0
 fi
+# compute-sanitizer's memcheck, racecheck and synccheck over test_moe (tests/gpu_sanitize.sh), beside
+# the runs below: the GPU is shared, and a GPU machine has the cores; GPU_SANITIZE=0 leaves them out
+sanitize_pid=""
+if [ "${GPU_SANITIZE:-1}" = 1 ]; then
+    bash tests/gpu_sanitize.sh "$STATES" > "$STATES/sanitize.results" 2>&1 &
+    sanitize_pid=$!
+fi
 GEOMETRY="-b 4 -t 16"
 for precision in FP32 BF16; do
     bin=$STATES/cuda_$precision/test_moe
@@ -121,4 +128,8 @@ bin=$STATES/cuda_BF16/train_moe
 if [ -x "$bin" ]; then
     bash tests/breakdown.sh train_moe.BF16 "$STATES/breakdown_gpu" -- "$bin" -m "$STATES/dense.bin" -i "$STATES/shard.bin" \
         -j "$STATES/shard.bin" -b 4 -t 16 -s 0 -v 0 --stats-every 0 -e 4 -k 2
+fi
+if [ -n "$sanitize_pid" ]; then
+    wait "$sanitize_pid"
+    cat "$STATES/sanitize.results"
 fi
