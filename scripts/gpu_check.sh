@@ -15,6 +15,8 @@
 # With GPU_PREBUILT=ARCHIVE (scripts/gpu_prebuild.sh's, made on a machine without a GPU and
 # carried here), every part takes its binaries instead of compiling, where they were built from
 # these very sources and start on this machine; else the build part builds as usual.
+# Each part has a time limit (LIMIT_S=N sets them all), and DEADLINE_S=N bounds the whole check
+# (see part below).
 # Usage: scripts/gpu_check.sh OUTDIR [PART...] (default: all five, in this order). Writes
 # OUTDIR/report.md (a pass/fail table with timings, a row as each part ends) and the logs of each
 # part beside it; a second call with the parts left over adds to the same report. Tiny
@@ -46,15 +48,27 @@ status=0
 
 # part NAME LOG LIMIT command...: runs it (a command, or a function of this script), stopped with
 # all its processes after LIMIT seconds, so that a part that hangs on the GPU (a kernel that never
-# ends) costs its limit, not the lease (LIMIT_S=N: every part's limit N seconds); adds a table row
+# ends) costs its limit, not the lease (LIMIT_S=N: every part's limit N seconds); adds a table row.
+# DEADLINE_S=N: the whole check ends within about N seconds of its start (a GPU lent for a fixed
+# time, whose end would otherwise cut a part short with no row): a part gets at most the time left,
+# less the 10 s its stop may take, and one that finds no time left is not started; the rows say so.
+START=$SECONDS
 part() {
     local name=$1 log=$2 limit=${LIMIT_S:-$3}; shift 3
-    local t0=$SECONDS
+    local t0=$SECONDS stop="after its limit of $limit s" left
+    if [ -n "${DEADLINE_S:-}" ]; then
+        left=$((DEADLINE_S - (SECONDS - START) - 10))
+        if [ "$left" -lt 1 ]; then
+            echo "| $name | NOT RUN (no time left before DEADLINE_S=$DEADLINE_S) | 0 |" >> "$REPORT"; status=1
+            return
+        fi
+        [ "$left" -lt "$limit" ] && { limit=$left; stop="at DEADLINE_S=$DEADLINE_S, after $limit s"; }
+    fi
     timeout --kill-after=10 "$limit" bash -c '"$@"' part "$@" >> "$OUT/$log" 2>&1
     local rc=$?
     local result=PASS
     if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
-        result="FAIL (stopped after its limit of $limit s)"; status=1
+        result="FAIL (stopped $stop)"; status=1
     elif [ "$rc" -ne 0 ]; then
         result="FAIL (exit $rc)"; status=1
     fi

@@ -336,6 +336,18 @@ if [ "$hang_rc" -ne 0 ] && [ "$(grep -c '| FAIL (stopped after its limit of 2 s)
 else
     fail gpu_check_part_limit "exit $hang_rc after $hang_s s, $left processes left, rows: $(grep '^| train\|^| upcycle' "$GPUC/hang/report.md" | tr '\n' ' ' | cut -c1-200)"
 fi
+# DEADLINE_S (a GPU lent for a fixed time): the first training gets what is left of 13 s less the 10 s
+# its stop may take, and is stopped there; the second finds no time left and is not started
+t0=$SECONDS
+DEADLINE_S=13 bash "$GPUC/tree/scripts/gpu_check.sh" "$GPUC/deadline" train > /dev/null 2>&1
+deadline_rc=$? deadline_s=$((SECONDS - t0))
+rows=$(grep -E '^\| (train|upcycle)' "$GPUC/deadline/report.md" | sed -E 's/^\| [^|]* \| ([^|]*) \|.*/\1/' | tr '\n' '|')
+if [ "$deadline_rc" -ne 0 ] && [ "$deadline_s" -le 13 ] && [ -z "$(pgrep -f "sleep 97")" ] &&
+   [[ "$rows" =~ ^FAIL\ \(stopped\ at\ DEADLINE_S=13,\ after\ [23]\ s\)\|NOT\ RUN\ \(no\ time\ left\ before\ DEADLINE_S=13\)\|$ ]]; then
+    pass gpu_check_deadline "DEADLINE_S=13: the first training stopped at the deadline, the second not started, ${deadline_s} s in all; the rows say so"
+else
+    fail gpu_check_deadline "exit $deadline_rc after $deadline_s s, rows: $rows"
+fi
 
 # tests/gpu_sanitize.sh (compute-sanitizer over test_moe, on a GPU machine) reads the tool's verdicts
 # right: here stand-ins for the tool and for test_moe. memcheck finds nothing (PASS, except where the
