@@ -30,9 +30,15 @@ What is emulated, faithfully enough for the kernels' logic:
   - integer atomicAdd (a thread switches only at a barrier or a shuffle, so it is atomic).
   - the inline PTX of kernels/mma.cuh: mma.sync m16n8k16 bf16 (a warp-wide exchange of the
     fragments, fp32 sums in k order), ldmatrix x4 and .trans (each lane reads the rows whose
-    addresses the others give), cp.async (the copies are queued per thread and done only at
-    cp.async.wait_group, so a tile read before its wait is still NaN); shared addresses are
-    offsets into the block's dynamic shared memory, checked for bounds and 16-byte alignment.
+    addresses the others give), cp.async (queued per thread and done at cp.async.wait_group in
+    the forward order, so a tile read before its wait is still NaN, and at its issue in the
+    reverse order); shared addresses are offsets into the block's dynamic shared memory,
+    checked for bounds and 16-byte alignment.
+  - Hopper's wgmma (dev/cuda/wgmma.cuh): wgmma.mma_async m64nNk16 bf16 -> fp32 with both
+    operands in shared memory through matrix descriptors (the layout without swizzling, K-major
+    only), reading the shared memory at its issue in the forward order and at its
+    wgmma.wait_group in the reverse order (so an operand refilled before the wait shows up as a
+    difference between the orders); the lanes of a warp giving the same descriptors.
   - races, by running everything in two orders: a thread runs alone until its next barrier or
     shuffle, the threads of a block in turn from thread 0 and the blocks from block 0, or, with
     EMU_ORDER=reverse, from the last thread and the last block. Two accesses to one word by
@@ -40,7 +46,9 @@ What is emulated, faithfully enough for the kernels' logic:
     __syncthreads or __syncwarp, a kernel that relies on lockstep execution within a warp, a
     block that reads what another block of the launch writes), happen in one order in one run
     and in the other order in the other, so a race that changes the result fails a check in one
-    of the two runs (tests/emu/run.sh runs both).
+    of the two runs (tests/emu/run.sh runs both). The asynchronous copies and MMAs take effect
+    the earliest a GPU may in one order and the latest in the other (async_writes_early), so a
+    stage used before its wait or refilled before its readers' wait is a difference too.
   - memory errors, with g++'s sanitizers (tests/emu/run.sh builds with them): cudaMalloc and
     the dynamic shared memory are allocations of exactly the bytes asked for, static __shared__
     arrays are globals, so AddressSanitizer reports an access past any of them or to freed
@@ -228,14 +236,29 @@ struct Thread {
     unsigned exchanges;   // warp exchanges done (shuffles, ldmatrix, mma), whose parity picks the slots
 };
 
-// a cp.async in flight: done at the cp.async.wait_group that covers its group
+// a cp.async in flight: done at the cp.async.wait_group that covers its group, or already at
+// its issue (see async_early below)
 struct AsyncCopy {
     void* dst;
     const void* src;
     int bytes, src_bytes;  // bytes past src_bytes are zero-filled
+    bool done;
 };
 struct AsyncCopies {
     std::vector<AsyncCopy> issued;  // in issue order, committed groups first
+    std::vector<int> group_sizes;   // the committed groups, oldest first
+};
+
+// a wgmma.mma_async in flight: done at its issue or at the wgmma.wait_group that covers its group
+// (see async_writes_early), reading the shared memory then, into the thread's accumulators
+struct AsyncMma {
+    std::vector<float*> d;  // the thread's n/2 accumulators (the asm's "+f" operands)
+    uint64_t desc_a, desc_b;
+    bool scale_d;           // false: D = A B, the old D ignored
+    bool done;
+};
+struct AsyncMmas {
+    std::vector<AsyncMma> issued;   // in issue order, committed groups first
     std::vector<int> group_sizes;   // the committed groups, oldest first
 };
 
@@ -267,6 +290,7 @@ struct Block {
     Array<uint64_t> exchange;  // per thread two slots of EXCHANGE_WORDS, used in turn
     Array<unsigned> exchange_number;  // per slot, the exchange that wrote it (the writer's count)
     Array<AsyncCopies> async_copies;  // per thread
+    Array<AsyncMmas> async_mmas;      // per thread
     unsigned char* dynamic_shared = NULL;  // exactly the launch's bytes (16-byte aligned), so that
     size_t dynamic_shared_bytes = 0;       // AddressSanitizer sees an access past them
     const void* scheduler_stack = NULL;    // the stack of the launching code, for switch_context
@@ -396,6 +420,8 @@ EMU_NOT_CHECKED static void thread_entry() {
 #endif
     (*B.body)();
     Thread& t = me();
+    // its accumulators were the kernel's registers: gone now
+    if (!B.async_mmas[B.current].group_sizes.empty() || !B.async_mmas[B.current].issued.empty()) { fail("a thread ended with a wgmma.mma_async it never waited for (wgmma.wait_group)"); }
     t.wait = DONE;
     // a barrier the others wait at may now be complete without this thread
     if (--B.warp_live[t.warp] > 0 && B.warp_arrived[t.warp] == B.warp_live[t.warp]) {
@@ -450,6 +476,7 @@ static void run_block(unsigned bx, unsigned by, unsigned bz, size_t shared_bytes
     B.exchange.assign(2 * (size_t)n * EXCHANGE_WORDS, 0);
     B.exchange_number.assign(2 * (size_t)n, 0);
     B.async_copies.assign(n, AsyncCopies());
+    B.async_mmas.assign(n, AsyncMmas());
     free(B.dynamic_shared);
     B.dynamic_shared_bytes = shared_bytes;
     if (posix_memalign((void**)&B.dynamic_shared, 16, std::max<size_t>(shared_bytes, 1)) != 0) { fail("cannot allocate the shared memory"); }
@@ -713,6 +740,20 @@ EMU_NOT_CHECKED static void mma_m16n8k16_bf16(const Operand* ops) {
     }
 }
 
+// When the asynchronous operations take effect, the earliest or the latest a GPU may: in the
+// forward order, a cp.async writes shared memory at its wait_group and a wgmma.mma_async reads it
+// at its issue; in the reverse order the copies land at their issue and the wgmmas read at their
+// wait_group. A kernel that reads a stage before its copies are waited for, or refills a stage
+// that a wgmma not yet waited for reads, then computes differently in the two orders, which
+// tests/emu/run.sh compares, like the races between threads.
+static bool async_writes_early() { return reverse_order(); }
+
+static void do_copy(AsyncCopy& copy) {
+    memcpy(copy.dst, copy.src, copy.src_bytes);
+    memset((unsigned char*)copy.dst + copy.src_bytes, 0, copy.bytes - copy.src_bytes);
+    copy.done = true;
+}
+
 // cp.async.{ca,cg}.shared.global [dst], [src], bytes, src_bytes: queued until its wait_group
 static void cp_async(const char* ptx, const Operand* ops) {
     int bytes = 0;
@@ -726,6 +767,8 @@ static void cp_async(const char* ptx, const Operand* ops) {
     copy.src_bytes = (int)(uint32_t)ops[2].value;
     if ((uintptr_t)copy.src % bytes != 0) { fail("cp.async source not aligned to its size"); }
     if (copy.src_bytes < 0 || copy.src_bytes > bytes) { fail("cp.async: source size outside 0..size"); }
+    copy.done = false;
+    if (async_writes_early()) { do_copy(copy); }
     B.async_copies[B.current].issued.push_back(copy);
 }
 
@@ -742,9 +785,102 @@ static void cp_async_wait(int pending) {
     size_t done = 0;
     while ((int)q.group_sizes.size() > pending) {
         for (int i = 0; i < q.group_sizes.front(); i++, done++) {
-            const AsyncCopy& copy = q.issued[done];
-            memcpy(copy.dst, copy.src, copy.src_bytes);
-            memset((unsigned char*)copy.dst + copy.src_bytes, 0, copy.bytes - copy.src_bytes);
+            AsyncCopy& copy = q.issued[done];
+            if (!copy.done) { do_copy(copy); }
+        }
+        q.group_sizes.erase(q.group_sizes.begin());
+    }
+    q.issued.erase(q.issued.begin(), q.issued.begin() + done);
+}
+
+// --- Hopper's warpgroup MMA (dev/cuda/wgmma.cuh), sm_90a ---
+// A warpgroup is 4 consecutive warps (128 threads) of the block; its wgmma instructions must be
+// executed by all of them, with the same operands. The emulation checks that the block is made of
+// whole warpgroups, and at each wgmma.mma_async that the whole warp is there and gives the same
+// descriptors (a warp exchange); the four warps of a warpgroup are not checked against each other.
+static void check_warpgroups() {
+    if ((blockDim.x * blockDim.y * blockDim.z) % 128 != 0) { fail("wgmma in a block whose threads are not whole warpgroups (128)"); }
+}
+
+// element (i, k) of a wgmma operand in shared memory, i the row of A (m) or of B (n), through
+// its matrix descriptor: start address, leading (LBO) and stride (SBO) byte offsets, each stored
+// >> 4 in bits 0-13, 16-29 and 32-45; bits 49-51 the base offset and 62-63 the swizzle mode.
+// Only the layout without swizzling is emulated, K-major: 8 x 8 core matrices of 8 rows of 16
+// contiguous bytes (8 bf16 along k), the next core matrix along k LBO bytes further, the next
+// along i SBO bytes further.
+EMU_NOT_CHECKED static float wgmma_operand(uint64_t desc, int i, int k) {
+    if ((desc >> 62) != 0 || ((desc >> 49) & 7) != 0) { fail("wgmma descriptor: only the layout without swizzling (mode 0, base offset 0) is emulated"); }
+    uint64_t start = (desc & 0x3FFF) << 4, lbo = ((desc >> 16) & 0x3FFF) << 4, sbo = ((desc >> 32) & 0x3FFF) << 4;
+    uint64_t at = start + (uint64_t)(i / 8) * sbo + (uint64_t)(k / 8) * lbo + (uint64_t)(i % 8) * 16 + (uint64_t)(k % 8) * 2;
+    uint16_t bits;
+    memcpy(&bits, shared_at(at, 2, 2, "wgmma operand address not aligned"), 2);
+    return bf16_half(bits, 0);
+}
+
+// this thread's part of one wgmma: the accumulator layout of m64nNk16 (PTX ISA, "wgmma .m64nNk16
+// register fragment layout for accumulator matrix D"): warp w of the warpgroup holds rows
+// 16w..16w+15, and per 8 columns j the m16n8 layout of mma.sync, d[4j + i] = (row 16w + g +
+// 8 (i / 2), column 8j + 2c + i % 2) with g = lane / 4, c = lane % 4; each sum adds the 16 exact
+// products in k order
+EMU_NOT_CHECKED static void do_wgmma(AsyncMma& mma) {
+    int w = me().warp % 4, g = me().lane / 4, c = me().lane % 4;
+    float a[2][16];  // this thread's two rows of A
+    for (int h = 0; h < 2; h++) {
+        for (int k = 0; k < 16; k++) { a[h][k] = wgmma_operand(mma.desc_a, 16 * w + g + 8 * h, k); }
+    }
+    for (size_t i = 0; i < mma.d.size(); i++) {
+        int j = (int)i / 4, row_half = (int)(i % 4) / 2, col = 8 * j + 2 * c + (int)i % 2;
+        float acc = mma.scale_d ? *mma.d[i] : 0.0f;
+        for (int k = 0; k < 16; k++) { acc += a[row_half][k] * wgmma_operand(mma.desc_b, col, k); }
+        *mma.d[i] = acc;
+    }
+    mma.done = true;
+}
+
+// wgmma.mma_async.sync.aligned.m64nNk16.f32.bf16.bf16 {d0..d(N/2-1)}, desc-a, desc-b, p, 1, 1, 0, 0
+// (p = scale-d, set from the operand after the descriptors)
+static void wgmma_issue(const char* ptx, const Operand* ops, size_t count) {
+    check_warpgroups();
+    if (!whole_warp()) { fail("wgmma.mma_async by a warp with exited threads"); }
+    const char* at = strstr(ptx, "wgmma.mma_async.sync.aligned.m64n");
+    int n = 0;
+    if (!at || sscanf(at + strlen("wgmma.mma_async.sync.aligned.m64n"), "%d", &n) != 1 || n < 8 || n > 256 || n % 8 != 0 ||
+        !strstr(at, "k16.f32.bf16.bf16 ")) {
+        fail("wgmma.mma_async: only m64nNk16.f32.bf16.bf16 is emulated");
+    }
+    if (!strstr(at, ", p, 1, 1, 0, 0;")) { fail("wgmma.mma_async: only scale-a = scale-b = 1 and no transpose (K-major operands) are emulated"); }
+    if (count != (size_t)n / 2 + 3) { fail("wgmma.mma_async: expected N/2 accumulators, two descriptors and scale-d"); }
+    AsyncMma mma;
+    for (int i = 0; i < n / 2; i++) { mma.d.push_back((float*)ops[i].address); }
+    mma.desc_a = ops[n / 2].value;
+    mma.desc_b = ops[n / 2 + 1].value;
+    mma.scale_d = (uint32_t)ops[n / 2 + 2].value != 0;
+    mma.done = false;
+    if (!async_writes_early()) { do_wgmma(mma); }  // reads its operands at once, before the warp goes on
+    uint64_t mine[3] = {mma.desc_a, mma.desc_b, (uint64_t)mma.scale_d};
+    const uint64_t* slots = warp_exchange(mine, 3);
+    for (int lane = 0; lane < 32; lane++) {
+        if (memcmp(&slots[lane * EXCHANGE_WORDS], mine, sizeof(mine)) != 0) { fail("wgmma.mma_async: the lanes of a warp gave different descriptors or scale-d"); }
+    }
+    B.async_mmas[B.current].issued.push_back(mma);
+}
+
+static void wgmma_commit() {
+    check_warpgroups();
+    AsyncMmas& q = B.async_mmas[B.current];
+    int committed = 0;
+    for (int n : q.group_sizes) { committed += n; }
+    q.group_sizes.push_back((int)q.issued.size() - committed);
+}
+
+// completes the oldest committed groups until at most `pending` remain
+EMU_NOT_CHECKED static void wgmma_wait(int pending) {
+    check_warpgroups();
+    AsyncMmas& q = B.async_mmas[B.current];
+    size_t done = 0;
+    while ((int)q.group_sizes.size() > pending) {
+        for (int m = 0; m < q.group_sizes.front(); m++, done++) {
+            if (!q.issued[done].done) { do_wgmma(q.issued[done]); }
         }
         q.group_sizes.erase(q.group_sizes.begin());
     }
@@ -770,6 +906,18 @@ EMU_NOT_CHECKED static void ptx(const char* text, std::initializer_list<Operand>
         cp_async_commit();
     } else if (starts_with(text, "cp.async.wait_group ") && operands.size() == 1) {
         cp_async_wait((int)ops[0].value);
+    } else if (text[0] == 0) {
+        // asm volatile("" : "+f"(x)): keeps the compiler from moving x across it, nothing to do
+    } else if (strstr(text, "wgmma.mma_async.sync.aligned.")) {
+        wgmma_issue(text, ops, operands.size());
+    } else if (starts_with(text, "wgmma.fence.sync.aligned;") && operands.size() == 0) {
+        check_warpgroups();
+    } else if (starts_with(text, "wgmma.commit_group.sync.aligned;") && operands.size() == 0) {
+        wgmma_commit();
+    } else if (starts_with(text, "wgmma.wait_group.sync.aligned ") && operands.size() == 1) {
+        wgmma_wait((int)ops[0].value);
+    } else if (starts_with(text, "fence.proxy.async.shared::cta;") && operands.size() == 0) {
+        // the emulation has one proxy: cp.async's writes are seen by wgmma once done
     } else {
         fprintf(stderr, "CUDA emulation: inline PTX not emulated: %s\n", text);
         exit(3);

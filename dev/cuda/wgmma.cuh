@@ -1,0 +1,85 @@
+/*
+Hopper's warpgroup MMA (wgmma, sm_90a) through inline PTX, for the kernel studies that try it
+(dev/cuda/expert_mlp.cu, version 3). Nothing in the engine uses it yet.
+
+A warpgroup is four consecutive warps (128 threads). wgmma.mma_async m64nNk16 computes
+D (64 x N, fp32, in registers) += A (64 x 16, bf16) B (16 x N, bf16) with both operands read by
+the tensor cores from shared memory, described by 64-bit matrix descriptors (PTX ISA, "Matrix
+Descriptor Format"): the start address, the leading (LBO) and stride (SBO) dimension byte
+offsets, each >> 4 in bits 0-13, 16-29 and 32-45, and the swizzle mode in bits 62-63 (0: none).
+It runs asynchronously: issue (after wgmma.fence), commit the issued ones as a group, and
+wgmma.wait_group N before reading the accumulators or overwriting the operands.
+
+The layout used here has no swizzling and is K-major for both operands (A: m rows of k, B: n
+rows of k, the way X (rows, K) and a weight W (N, K) lie in memory): the operand is cut in core
+matrices of 8 rows x 8 k (16 bytes per row), each stored as 128 contiguous bytes; the core matrix
+next along k starts LBO bytes further, the next along the rows SBO bytes further.
+
+Accumulators of m64nNk16 (PTX ISA, "wgmma .m64nNk16 register fragment layout for accumulator
+matrix D"): with w the warp in the warpgroup, g = lane / 4, c = lane % 4, a thread holds N/2
+floats, d[4j + i] = (row 16w + g + 8 (i / 2), column 8j + 2c + i % 2) for each 8 columns j:
+the m16n8 layout of mma.sync (kernels/mma.cuh) repeated across N.
+
+Shared memory written by cp.async is seen by wgmma (the "async proxy") only after
+fence.proxy.async: each thread fences its own completed copies, then the block barrier.
+The CPU emulation (tests/emu) runs these instructions with the semantics written here.
+*/
+#pragma once
+
+#include <cstdint>
+#include "../../kernels/common.cuh"
+
+// a K-major operand without swizzling at smem (16-byte aligned), its core matrices lbo bytes
+// apart along k and sbo bytes apart along the rows
+__device__ __forceinline__ uint64_t wgmma_descriptor(const void* smem, uint32_t lbo, uint32_t sbo) {
+    uint64_t address = (uint64_t)__cvta_generic_to_shared(smem);
+    return ((address >> 4) & 0x3FFF) | ((uint64_t)((lbo >> 4) & 0x3FFF) << 16) | ((uint64_t)((sbo >> 4) & 0x3FFF) << 32);
+}
+
+// before the first wgmma of a batch: orders the warpgroup's earlier accesses to the accumulators
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+
+// wait until at most N of this warpgroup's committed groups are still running
+template <int N>
+__device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory"); }
+
+// cp.async's completed writes to shared memory made visible to the tensor cores' reads
+__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+
+// keeps the compiler from moving accesses to the 64 accumulators across this point (they are
+// written by the tensor cores behind its back until wgmma_wait)
+__device__ __forceinline__ void wgmma_fence_accumulators(float d[64]) {
+    asm volatile(""
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+                   "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+                   "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+                   "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+                   "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+                   "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+                   "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+                   "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+                 :
+                 : "memory");
+}
+
+// d (64 x 128) = A B + (scale_d ? d : 0), A and B K-major in shared memory (wgmma_descriptor)
+__device__ __forceinline__ void wgmma_m64n128k16(float d[64], uint64_t desc_a, uint64_t desc_b, int scale_d) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {"
+                 "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+                 "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+                 "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+                 "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+                 "}, %64, %65, p, 1, 1, 0, 0;\n}\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+                   "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+                   "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+                   "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+                   "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+                   "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+                   "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+                   "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+                 : "l"(desc_a), "l"(desc_b), "r"(scale_d));
+}
