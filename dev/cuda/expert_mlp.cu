@@ -24,15 +24,15 @@ version 2: tensor cores, mma.sync m16n8k16 bf16 -> fp32 (sm_80+), BF16 builds, C
            the tensor cores work on the first, fragments by ldmatrix; operands whose k runs down
            the tile's columns in memory (W_e (K x N) in the backward, both operands of
            weights_gemm) are read with ldmatrix.trans, so nothing is ever transposed in memory.
-version 3: the forward's two GEMMs (W_e (N, K): both operands K-major) on Hopper's wgmma
-           (dev/cuda/wgmma.cuh; BF16 builds for sm_90a, which the Makefile makes for
-           GPU_ARCH=90), 128 x 128 tiles of two warpgroups, a ring of 4 cp.async stages 64 deep;
-           its backward is version 2's. Described in doc/kernels.md; not yet run on a GPU.
+version 3: the six GEMMs on Hopper's wgmma (dev/cuda/wgmma.cuh; BF16 builds for sm_90a, which
+           the Makefile makes for GPU_ARCH=90): 128 x 128 tiles of two warpgroups, a ring of 4
+           cp.async stages 64 deep, operands staged K-major or MN-major as they lie in memory
+           and read with wgmma's transpose bit. Described in doc/kernels.md; not yet run on a GPU.
 Version 2 graduated: expert_mlp_forward/backward use it where it applies, version 1 elsewhere.
 
 Checks per shape and version, with an empty expert and partial tiles in every shape (and, in
-"deep", more stages than version 3's ring holds): out, fch, fch_gelu, dinp (not version 3), and
-the four weight gradients (not version 3) against the CPU twin (the gradients start from
+"deep", more stages than version 3's ring holds): out, fch, fch_gelu, dinp, and the four weight
+gradients against the CPU twin (the gradients start from
 random values, so += is checked, not =); the rows past expert_offsets[E] never written (they hold
 NaN); two backward runs bit-identical.
 Tolerances (max |gpu - cpu| / max |cpu|):
@@ -45,7 +45,7 @@ Timing at GPT-2 124M's MoE layer: B*T = 8192 tokens, top-2, E = 8 experts holdin
 unevenly (from 1.5x to 0.5x the mean), C = 768, H = 3072. FLOPs: 2 * rows * C * H per GEMM,
 six GEMMs (2 forward, 4 backward). The cuBLAS baseline runs the same six GEMMs on all rows as one
 expert (kernels/matmul.cuh: cuBLASLt, bias epilogue in the forward); the design target is 85% of
-its rate; version 3 is compared on the forward's two GEMMs. Bytes per forward GEMM: rows x (K + N)
+its rate; the forward's two GEMMs are also summed apart. Bytes per forward GEMM: rows x (K + N)
 bf16 + E x N x K bf16 weights, far below the FLOPs at 3.35 TB/s, so the speed of light is the
 tensor peak: 989 TFLOP/s dense bf16 on an H100 SXM (16384 rows: 0.47 ms for the six GEMMs, 0.16
 ms for the forward's two).
@@ -81,12 +81,15 @@ static bool version_applies(int version, int C, int H) {
 }
 
 // ----------------------------------------------------------------------------
-// version 3: the forward's rows_gemm (W_e (N, K), both operands K-major) on Hopper's wgmma.
-// A block owns a 128 x 128 output tile of one expert's rows; its two warpgroups own 64 rows each,
-// one wgmma m64n128k16 per 16 of depth, 64 fp32 accumulators per thread. Operands come by
-// cp.async in stages 64 deep, 4 stages in a ring (128 KiB): the copies run two stages ahead, and
-// one stage's wgmmas may still run while the next are issued (wgmma_wait<1>), so a stage is
-// overwritten only two iterations after it was read. The backward stays on version 2.
+// version 3: the six GEMMs on Hopper's wgmma (dev/cuda/wgmma.cuh).
+// A block owns a 128 x 128 output tile; its two warpgroups own 64 rows each, one wgmma
+// m64n128k16 per 16 of depth, 64 fp32 accumulators per thread. Operands come by cp.async in
+// stages 64 deep, 4 stages in a ring (128 KiB): the copies run two stages ahead, and one stage's
+// wgmmas may still run while the next are issued (wgmma_wait<1>), so a stage is refilled only two
+// iterations after it was read. An operand is staged the way it lies in global memory, K-major
+// (k along its rows: X, and W_e (N, K) in the forward) or MN-major (k down its columns: W_e
+// (K, N) in the backward's dX, both operands of the weight gradients), which wgmma reads with
+// its transpose bit, so nothing is transposed in memory. The epilogues are version 2's.
 // Speed of light as version 2's (the tensor peak); what wgmma adds over mma.sync: no ldmatrix
 // (the tensor cores read shared memory themselves) and 64 x 128 x 16 per instruction.
 #if defined(WGMMA_BUILT)
@@ -97,68 +100,65 @@ static bool version_applies(int version, int C, int H) {
 #define XW_OPERAND_ELEMS (XW_TILE * XW_DEPTH)           // one operand's stage, bf16
 #define XW_SMEM_BYTES (XW_STAGES * 2 * XW_OPERAND_ELEMS * sizeof(floatX))  // 128 KiB
 #define XW_LBO 128                                      // bytes between core matrices along k
-#define XW_SBO (XW_DEPTH / 8 * 128)                     // bytes between core matrices along the rows: 1024
+#define XW_SBO (XW_DEPTH / 8 * 128)                     // bytes between core matrices along i (m or n): 1024
 
-// where element (i, k) of an operand stage lies (elements): wgmma.cuh's layout, the core matrix
-// (i / 8, k / 8) at 128-byte slot (i / 8) * (XW_DEPTH / 8) + k / 8, row i % 8 of it 16 bytes in
-__device__ __forceinline__ int xw_offset(int i, int k) { return ((i / 8) * (XW_DEPTH / 8) + k / 8) * 64 + (i % 8) * 8 + k % 8; }
+// where element (i, k) of an operand stage lies (elements): core matrix (i / 8, k / 8) at the
+// 128-byte slot (i / 8) * (XW_DEPTH / 8) + k / 8; inside it row i % 8 (K-major) or k % 8
+// (MN-major) of 16 bytes
+template <bool K_MAJOR>
+__device__ __forceinline__ int xw_offset(int i, int k) {
+    int slot = (i / 8) * (XW_DEPTH / 8) + k / 8;
+    return slot * 64 + (K_MAJOR ? (i % 8) * 8 + k % 8 : (k % 8) * 8 + i % 8);
+}
 
-// issue the copies of one operand's stage: rows i0..i0+127 (those < i_end), k0..k0+63 (< k_end)
-// of src (ld elements per row), zero outside. Chunk idx goes to row (idx % 8) + 8 (idx / 64), 16
-// bytes kc = (idx / 8) % 8: the 8 chunks a quarter-warp writes are one core-matrix column, 128
-// contiguous bytes (no bank conflict), and a warp reads 64 contiguous bytes of 8 rows.
+// issue the copies of one operand's stage: i in i0..i0+127 (those < i_end), k in k0..k0+63 (< k_end),
+// element (i, k) at src[i * ld + k] (K_MAJOR) or src[k * ld + i]; zero outside. The 8 chunks of
+// 16 bytes a quarter-warp copies fill one core matrix, 128 contiguous bytes (no bank conflict),
+// and a warp reads 64 contiguous bytes of each of 8 rows in global memory.
+template <bool K_MAJOR>
 __device__ __forceinline__ void xw_load_stage(floatX* stage, const floatX* src, int ld, int i0, int i_end, int k0, int k_end) {
     for (int idx = threadIdx.x; idx < XW_TILE * XW_DEPTH / 8; idx += blockDim.x) {
-        int i = idx % 8 + 8 * (idx / 64), k = (idx / 8) % 8 * 8;
+        int i, k;  // the chunk's first element: 8 along k (K_MAJOR) or along i
+        if (K_MAJOR) { i = idx % 8 + 8 * (idx / 64); k = (idx / 8) % 8 * 8; } else { k = idx % 8 + 8 * (idx / 128); i = (idx / 8) % 16 * 8; }
         bool inside = i0 + i < i_end && k0 + k < k_end;
-        cp_async_16(stage + xw_offset(i, k), inside ? src + (size_t)(i0 + i) * ld + k0 + k : src, inside);
+        const floatX* from = K_MAJOR ? src + (size_t)(i0 + i) * ld + k0 + k : src + (size_t)(k0 + k) * ld + i0 + i;
+        cp_async_16(stage + xw_offset<K_MAJOR>(i, k), inside ? from : src, inside);
     }
 }
 
-// out = X W_e^T (+ bias, GELU keeping the pre-activation), W (E, N, K): version 2's
-// rows_gemm_mma_kernel<true> on wgmma. grid (expert_row_tiles(max_rows, E, 128), ceil(N / 128)),
-// 256 threads, XW_SMEM_BYTES.
-__global__ void __launch_bounds__(256)
-    rows_gemm_wgmma_kernel(floatX* out, floatX* gelu_out, const floatX* X, const floatX* W, const floatX* bias, const int* expert_offsets,
-                           int E, int N, int K) {
-    extern __shared__ __align__(128) unsigned char xw_smem[];
-    int e, first, end;
-    if (!find_row_tile(expert_offsets, E, XW_TILE, blockIdx.x, &e, &first, &end)) { return; }
-    int n0 = blockIdx.y * XW_TILE;
-    const floatX* We = W + (size_t)e * N * K;
-    floatX* smem = reinterpret_cast<floatX*>(xw_smem);  // stage s: A at 2s * XW_OPERAND_ELEMS, B after it
+// acc (this warpgroup's 64 x 128 of the block's 128 x 128) = A (m0.., m < m_end) . B (n0.., n < n_end)
+// over k in [k_begin, k_end); smem holds XW_SMEM_BYTES
+template <bool A_K_MAJOR, bool B_K_MAJOR>
+__device__ __forceinline__ void xw_block_product(float acc[64], floatX* smem, const floatX* A, int lda, int m0, int m_end,
+                                                 const floatX* B, int ldb, int n0, int n_end, int k_begin, int k_end) {
     int warpgroup = threadIdx.x / 128;
-    float acc[64];
     #pragma unroll
     for (int i = 0; i < 64; i++) { acc[i] = 0.0f; }
-    int tiles = (K + XW_DEPTH - 1) / XW_DEPTH;
+    int tiles = (k_end - k_begin + XW_DEPTH - 1) / XW_DEPTH;
+    if (tiles <= 0) { return; }
+    auto load = [&](int t) {  // tile t into its stage of the ring: A, then B
+        floatX* stage = smem + (t % XW_STAGES) * 2 * XW_OPERAND_ELEMS;
+        xw_load_stage<A_K_MAJOR>(stage, A, lda, m0, m_end, k_begin + t * XW_DEPTH, k_end);
+        xw_load_stage<B_K_MAJOR>(stage + XW_OPERAND_ELEMS, B, ldb, n0, n_end, k_begin + t * XW_DEPTH, k_end);
+    };
     for (int t = 0; t < XW_STAGES - 2; t++) {
-        if (t < tiles) {
-            floatX* stage = smem + (t % XW_STAGES) * 2 * XW_OPERAND_ELEMS;
-            xw_load_stage(stage, X, K, first, end, t * XW_DEPTH, K);
-            xw_load_stage(stage + XW_OPERAND_ELEMS, We, K, n0, N, t * XW_DEPTH, K);
-        }
+        if (t < tiles) { load(t); }
         cp_async_commit();  // a group even when empty: the wait below counts groups
     }
     for (int t = 0; t < tiles; t++) {
         cp_async_wait<XW_STAGES - 3>();  // tile t has landed (t + 1 may be in flight)
         fence_proxy_async();
         __syncthreads();  // every thread's copies of tile t; every wgmma of tile t - 2 done (waited below)
-        int next = t + XW_STAGES - 2;
-        if (next < tiles) {
-            floatX* stage = smem + (next % XW_STAGES) * 2 * XW_OPERAND_ELEMS;  // tile t - 2's, free now
-            xw_load_stage(stage, X, K, first, end, next * XW_DEPTH, K);
-            xw_load_stage(stage + XW_OPERAND_ELEMS, We, K, n0, N, next * XW_DEPTH, K);
-        }
+        if (t + XW_STAGES - 2 < tiles) { load(t + XW_STAGES - 2); }  // into tile t - 2's stage, free now
         cp_async_commit();
-        const floatX* a_s = smem + (t % XW_STAGES) * 2 * XW_OPERAND_ELEMS + xw_offset(64 * warpgroup, 0);  // this warpgroup's 64 rows
+        const floatX* a_s = smem + (t % XW_STAGES) * 2 * XW_OPERAND_ELEMS + xw_offset<A_K_MAJOR>(64 * warpgroup, 0);  // its 64 rows
         const floatX* b_s = smem + (t % XW_STAGES) * 2 * XW_OPERAND_ELEMS + XW_OPERAND_ELEMS;
         wgmma_fence_accumulators(acc);
         wgmma_fence();
         #pragma unroll
-        for (int ks = 0; ks < XW_DEPTH / 16; ks++) {  // k = 16 ks: two core-matrix columns further
-            wgmma_m64n128k16(acc, wgmma_descriptor(a_s + xw_offset(0, 16 * ks), XW_LBO, XW_SBO),
-                             wgmma_descriptor(b_s + xw_offset(0, 16 * ks), XW_LBO, XW_SBO), 1);
+        for (int ks = 0; ks < XW_DEPTH / 16; ks++) {  // k = 16 ks: two core matrices further along k
+            wgmma_m64n128k16<A_K_MAJOR ? 0 : 1, B_K_MAJOR ? 0 : 1>(acc, wgmma_descriptor(a_s + xw_offset<A_K_MAJOR>(0, 16 * ks), XW_LBO, XW_SBO),
+                                                                  wgmma_descriptor(b_s + xw_offset<B_K_MAJOR>(0, 16 * ks), XW_LBO, XW_SBO), 1);
         }
         wgmma_commit();
         wgmma_fence_accumulators(acc);
@@ -167,7 +167,23 @@ __global__ void __launch_bounds__(256)
     }
     wgmma_wait<0>();
     wgmma_fence_accumulators(acc);
-    // the epilogue of version 2, on the accumulator layout of wgmma.cuh
+}
+
+// rows_gemm on wgmma: out = X W_e (+ bias, GELU keeping the pre-activation) for a 128-row tile of
+// one expert; W (E, N, K) when W_TRANSPOSED (B K-major), else (E, K, N) (B MN-major).
+// grid (expert_row_tiles(max_rows, E, 128), ceil(N / 128)), 256 threads, XW_SMEM_BYTES.
+template <bool W_TRANSPOSED>
+__global__ void __launch_bounds__(256)
+    rows_gemm_wgmma_kernel(floatX* out, floatX* gelu_out, const floatX* X, const floatX* W, const floatX* bias, const int* expert_offsets,
+                           int E, int N, int K) {
+    extern __shared__ __align__(128) unsigned char xw_smem[];
+    int e, first, end;
+    if (!find_row_tile(expert_offsets, E, XW_TILE, blockIdx.x, &e, &first, &end)) { return; }
+    int n0 = blockIdx.y * XW_TILE;
+    const floatX* We = W + (size_t)e * N * K;
+    float acc[64];
+    xw_block_product<true, W_TRANSPOSED>(acc, reinterpret_cast<floatX*>(xw_smem), X, K, first, end, We, W_TRANSPOSED ? K : N, n0, N, 0, K);
+    // the accumulator layout of wgmma.cuh: warp w of the warpgroup, rows 16w + g (+ 8), columns 8j + 2c (+ 1)
     int lane = threadIdx.x % WARP_SIZE, w = threadIdx.x % 128 / WARP_SIZE, g = lane / 4, c = lane % 4;
     #pragma unroll
     for (int j = 0; j < XW_TILE / 8; j++) {
@@ -176,7 +192,7 @@ __global__ void __launch_bounds__(256)
         float b0 = bias ? to_float(bias[(size_t)e * N + n]) : 0.0f, b1 = bias ? to_float(bias[(size_t)e * N + n + 1]) : 0.0f;
         #pragma unroll
         for (int half = 0; half < 2; half++) {
-            int row = first + 64 * warpgroup + 16 * w + g + 8 * half;
+            int row = first + 64 * (threadIdx.x / 128) + 16 * w + g + 8 * half;
             if (row >= end) { continue; }
             float s0 = to_float(from_float<floatX>(acc[4 * j + 2 * half] + b0));  // as stored
             float s1 = to_float(from_float<floatX>(acc[4 * j + 2 * half + 1] + b1));
@@ -187,36 +203,101 @@ __global__ void __launch_bounds__(256)
     }
 }
 
-static void rows_gemm_wgmma(floatX* out, floatX* gelu_out, const floatX* X, const floatX* W, const floatX* bias, const int* expert_offsets,
-                            int max_rows, int E, int N, int K, cudaStream_t stream) {
-    allow_dynamic_smem(rows_gemm_wgmma_kernel, XW_SMEM_BYTES, "expert_mlp version 3 (wgmma)");
-    dim3 grid(expert_row_tiles(max_rows, E, XW_TILE), ceil_div_int(N, XW_TILE));
-    rows_gemm_wgmma_kernel<<<grid, 256, XW_SMEM_BYTES, stream>>>(out, gelu_out, X, W, bias, expert_offsets, E, N, K);
-    cudaCheckLaunch();
+// weights_gemm on wgmma: dW_e (m0.., n0..) += A_e^T B_e over the expert's rows, both operands
+// MN-major (the rows are the depth). grid (ceil(N / 128), ceil(M / 128), E), 256 threads, XW_SMEM_BYTES.
+__global__ void __launch_bounds__(256)
+    weights_gemm_wgmma_kernel(float* dW, const floatX* A, const floatX* B, const int* expert_offsets, int M, int N) {
+    extern __shared__ __align__(128) unsigned char xw_smem[];
+    int e = blockIdx.z, m0 = blockIdx.y * XW_TILE, n0 = blockIdx.x * XW_TILE;
+    int first = expert_offsets[e], end = expert_offsets[e + 1];
+    if (first == end) { return; }
+    float acc[64];
+    xw_block_product<false, false>(acc, reinterpret_cast<floatX*>(xw_smem), A, M, m0, M, B, N, n0, N, first, end);
+    float* dWe = dW + (size_t)e * M * N;
+    int lane = threadIdx.x % WARP_SIZE, w = threadIdx.x % 128 / WARP_SIZE, g = lane / 4, c = lane % 4;
+    #pragma unroll
+    for (int j = 0; j < XW_TILE / 8; j++) {
+        int n = n0 + 8 * j + 2 * c;  // columns n, n + 1 (N a multiple of 8): one 8-byte read-modify-write
+        if (n >= N) { continue; }
+        #pragma unroll
+        for (int half = 0; half < 2; half++) {
+            int m = m0 + 64 * (threadIdx.x / 128) + 16 * w + g + 8 * half;
+            if (m >= M) { continue; }
+            float2* at = reinterpret_cast<float2*>(dWe + (size_t)m * N + n);
+            float2 v = *at;
+            v.x += acc[4 * j + 2 * half];
+            v.y += acc[4 * j + 2 * half + 1];
+            *at = v;
+        }
+    }
 }
 #endif  // WGMMA_BUILT
 
-// one forward GEMM (W_e (N, K)) in any version
-static void forward_gemm(int version, floatX* out, floatX* gelu_out, const floatX* X, const floatX* W, const floatX* bias,
-                         const int* expert_offsets, int max_rows, int E, int N, int K) {
+// rows_gemm and weights_gemm (kernels/expert_mlp.cuh) in any version, 3 included
+static void any_rows_gemm(int version, floatX* out, floatX* gelu_out, const floatX* X, const floatX* W, bool w_transposed, const floatX* bias,
+                          const int* expert_offsets, int max_rows, int E, int N, int K) {
 #if defined(WGMMA_BUILT)
     if (version == 3) {
-        rows_gemm_wgmma(out, gelu_out, X, W, bias, expert_offsets, max_rows, E, N, K, 0);
+        dim3 grid(expert_row_tiles(max_rows, E, XW_TILE), ceil_div_int(N, XW_TILE));
+        if (w_transposed) {
+            allow_dynamic_smem(rows_gemm_wgmma_kernel<true>, XW_SMEM_BYTES, "expert_mlp version 3 (wgmma)");
+            rows_gemm_wgmma_kernel<true><<<grid, 256, XW_SMEM_BYTES>>>(out, gelu_out, X, W, bias, expert_offsets, E, N, K);
+        } else {
+            allow_dynamic_smem(rows_gemm_wgmma_kernel<false>, XW_SMEM_BYTES, "expert_mlp version 3 (wgmma)");
+            rows_gemm_wgmma_kernel<false><<<grid, 256, XW_SMEM_BYTES>>>(out, gelu_out, X, W, bias, expert_offsets, E, N, K);
+        }
+        cudaCheckLaunch();
         return;
     }
 #endif
-    rows_gemm(version, out, gelu_out, X, W, true, bias, expert_offsets, max_rows, E, N, K, 0);
+    rows_gemm(version, out, gelu_out, X, W, w_transposed, bias, expert_offsets, max_rows, E, N, K, 0);
 }
 
-// the study's forward: versions 1 and 2 as the engine runs them, version 3 its two GEMMs on wgmma
-static void forward(int version, floatX* out, floatX* fch, floatX* fch_gelu, const floatX* inp, const int* expert_offsets, int max_rows,
-                    const floatX* fcw, const floatX* fcb, const floatX* fcprojw, const floatX* fcprojb, int E, int C, int H) {
+static void any_weights_gemm(int version, float* dW, const floatX* A, const floatX* B, const int* expert_offsets, int E, int M, int N) {
+#if defined(WGMMA_BUILT)
     if (version == 3) {
-        forward_gemm(3, fch, fch_gelu, inp, fcw, fcb, expert_offsets, max_rows, E, H, C);
-        forward_gemm(3, out, NULL, fch_gelu, fcprojw, fcprojb, expert_offsets, max_rows, E, C, H);
+        allow_dynamic_smem(weights_gemm_wgmma_kernel, XW_SMEM_BYTES, "expert_mlp version 3 (wgmma)");
+        weights_gemm_wgmma_kernel<<<dim3(ceil_div_int(N, XW_TILE), ceil_div_int(M, XW_TILE), E), 256, XW_SMEM_BYTES>>>(dW, A, B, expert_offsets,
+                                                                                                                    M, N);
+        cudaCheckLaunch();
         return;
     }
-    expert_mlp_forward(out, fch, fch_gelu, inp, expert_offsets, max_rows, fcw, fcb, fcprojw, fcprojb, E, C, H, 0, version);
+#endif
+    weights_gemm(version, dW, A, B, expert_offsets, E, M, N, 0);
+}
+
+// the study's forward and backward: versions 1 and 2 as the engine runs them
+// (expert_mlp_forward/backward), version 3 the same sequence with its GEMMs on wgmma
+static void forward(int version, floatX* out, floatX* fch, floatX* fch_gelu, const floatX* inp, const int* expert_offsets, int max_rows,
+                    const floatX* fcw, const floatX* fcb, const floatX* fcprojw, const floatX* fcprojb, int E, int C, int H) {
+    if (version != 3) {
+        expert_mlp_forward(out, fch, fch_gelu, inp, expert_offsets, max_rows, fcw, fcb, fcprojw, fcprojb, E, C, H, 0, version);
+        return;
+    }
+    any_rows_gemm(3, fch, fch_gelu, inp, fcw, true, fcb, expert_offsets, max_rows, E, H, C);
+    any_rows_gemm(3, out, NULL, fch_gelu, fcprojw, true, fcprojb, expert_offsets, max_rows, E, C, H);
+}
+
+static void backward(int version, floatX* dinp, float* dfcw, float* dfcb, float* dfcprojw, float* dfcprojb, floatX* dfch, floatX* dfch_gelu,
+                     const floatX* dout, const floatX* inp, const floatX* fch, const floatX* fch_gelu, const int* expert_offsets, int max_rows,
+                     const floatX* fcw, const floatX* fcprojw, int E, int C, int H) {
+    if (version != 3) {
+        expert_mlp_backward(dinp, dfcw, dfcb, dfcprojw, dfcprojb, dfch, dfch_gelu, dout, inp, fch, fch_gelu, expert_offsets, max_rows, fcw,
+                            fcprojw, E, C, H, 0, version);
+        return;
+    }
+    any_rows_gemm(3, dfch_gelu, NULL, dout, fcprojw, false, NULL, expert_offsets, max_rows, E, H, C);
+    any_weights_gemm(3, dfcprojw, dout, fch_gelu, expert_offsets, E, C, H);
+    expert_bias_grad_kernel<<<dim3(ceil_div_int(C, COLUMN_SUM_COLUMNS), E), dim3(COLUMN_SUM_COLUMNS, COLUMN_SUM_LANES)>>>(dfcprojb, dout,
+                                                                                                                       expert_offsets, C);
+    cudaCheckLaunch();
+    expert_gelu_backward_kernel<<<ceil_div_int((long long)max_rows * H, 256), 256>>>(dfch, fch, dfch_gelu, expert_offsets, E, H);
+    cudaCheckLaunch();
+    any_rows_gemm(3, dinp, NULL, dfch, fcw, false, NULL, expert_offsets, max_rows, E, C, H);
+    any_weights_gemm(3, dfcw, dfch, inp, expert_offsets, E, H, C);
+    expert_bias_grad_kernel<<<dim3(ceil_div_int(H, COLUMN_SUM_COLUMNS), E), dim3(COLUMN_SUM_COLUMNS, COLUMN_SUM_LANES)>>>(dfcb, dfch,
+                                                                                                                       expert_offsets, H);
+    cudaCheckLaunch();
 }
 
 struct Shape {
@@ -322,7 +403,6 @@ static void validate_shape(const Shape& sh, int first, int last) {
         snprintf(name, sizeof(name), "expert_mlp_forward rows past the used ones v%d [%s]", version, shape);
         check_true(name, rows_untouched(d_out, rows, max_rows, C) && rows_untouched(d_fch, rows, max_rows, H),
                    "never written (still NaN)");
-        if (version == 3) { continue; }  // its backward is version 2's
 
         // dinp, then the four weight gradients, which start from grad0: the backward adds to them
         const std::vector<float>* refs[5] = {&dinp_ref, &grad_ref.fcw, &grad_ref.fcb, &grad_ref.fcprojw, &grad_ref.fcprojb};
@@ -337,8 +417,8 @@ static void validate_shape(const Shape& sh, int first, int last) {
             for (int t = 0; t < 4; t++) {
                 cudaCheck(cudaMemcpy(d_grads[t], starts[t]->data(), starts[t]->size() * sizeof(float), cudaMemcpyHostToDevice));
             }
-            expert_mlp_backward(d_dinp, d_dfcw, d_dfcb, d_dfcprojw, d_dfcprojb, d_dfch, d_dfch_gelu, d_dout, d_inp, d_fch, d_fch_gelu, d_offsets,
-                                max_rows, d_fcw, d_fcprojw, E, C, H, 0, version);
+            backward(version, d_dinp, d_dfcw, d_dfcb, d_dfcprojw, d_dfcprojb, d_dfch, d_dfch_gelu, d_dout, d_inp, d_fch, d_fch_gelu, d_offsets,
+                     max_rows, d_fcw, d_fcprojw, E, C, H);
             cudaCheck(cudaDeviceSynchronize());
             runs[run] = to_host(d_dinp, (size_t)rows * C);
             for (int t = 0; t < 4; t++) {
@@ -363,7 +443,7 @@ static void validate_shape(const Shape& sh, int first, int last) {
 }
 
 // The six GEMMs of one MoE layer's forward and backward at GPT-2 124M's shape, versions first..last
-// against cuBLAS on the same rows as one dense expert (version 3 alone: the forward's two)
+// against cuBLAS on the same rows as one dense expert
 static void benchmark(int first, int last) {
     const int E = 8, C = 768, H = 3072, tokens = 8 * 1024, k = 2, rows = tokens * k;
     std::vector<int> rows_per_expert(E);  // 1.5x the mean for expert 0 down to 0.5x for expert 7
@@ -396,46 +476,45 @@ static void benchmark(int first, int last) {
         const char* name;
         std::function<void(int)> ours;  // version -> launch
         std::function<void()> cublas;
-        bool forward;                   // version 3 has the forward's two only
+        bool forward;                   // of the forward (the two are also summed apart)
     };
     Gemm gemms[6] = {
-        {"fc forward (+bias, GELU)", [&](int v) { forward_gemm(v, y_h, g_h, x_c, w_hc, b_h, d_offsets, rows, E, H, C); },
+        {"fc forward (+bias, GELU)", [&](int v) { any_rows_gemm(v, y_h, g_h, x_c, w_hc, true, b_h, d_offsets, rows, E, H, C); },
          [&]() { matmul_forward(y_h, x_c, w_hc, b_h, rows, C, H, 0); }, true},
-        {"fcproj forward (+bias)", [&](int v) { forward_gemm(v, y_c, NULL, x_h, w_ch, b_c, d_offsets, rows, E, C, H); },
+        {"fcproj forward (+bias)", [&](int v) { any_rows_gemm(v, y_c, NULL, x_h, w_ch, true, b_c, d_offsets, rows, E, C, H); },
          [&]() { matmul_forward(y_c, x_h, w_ch, b_c, rows, H, C, 0); }, true},
-        {"fcproj backward dX", [&](int v) { rows_gemm(v, y_h, NULL, x_c, w_ch, false, NULL, d_offsets, rows, E, H, C, 0); },
+        {"fcproj backward dX", [&](int v) { any_rows_gemm(v, y_h, NULL, x_c, w_ch, false, NULL, d_offsets, rows, E, H, C); },
          [&]() { cublaslt_matmul(y_h, CUDA_FLOATX, H, w_ch, false, H, x_c, false, C, H, rows, C, NULL, 0.0f, 0); }, false},
-        {"fcproj backward dW", [&](int v) { weights_gemm(v, dw, x_c, x_h, d_offsets, E, C, H, 0); },
+        {"fcproj backward dW", [&](int v) { any_weights_gemm(v, dw, x_c, x_h, d_offsets, E, C, H); },
          [&]() { cublaslt_matmul(dw, CUDA_R_32F, H, x_h, false, H, x_c, true, C, H, C, rows, NULL, 1.0f, 0); }, false},
-        {"fc backward dX", [&](int v) { rows_gemm(v, y_c, NULL, x_h, w_hc, false, NULL, d_offsets, rows, E, C, H, 0); },
+        {"fc backward dX", [&](int v) { any_rows_gemm(v, y_c, NULL, x_h, w_hc, false, NULL, d_offsets, rows, E, C, H); },
          [&]() { cublaslt_matmul(y_c, CUDA_FLOATX, C, w_hc, false, C, x_h, false, H, C, rows, H, NULL, 0.0f, 0); }, false},
-        {"fc backward dW", [&](int v) { weights_gemm(v, dw, x_h, x_c, d_offsets, E, H, C, 0); },
+        {"fc backward dW", [&](int v) { any_weights_gemm(v, dw, x_h, x_c, d_offsets, E, H, C); },
          [&]() { cublaslt_matmul(dw, CUDA_R_32F, C, x_c, false, C, x_h, true, H, C, H, rows, NULL, 1.0f, 0); }, false},
     };
     double total_cublas = 0.0, forward_cublas = 0.0;
     std::vector<double> total(NUM_VERSIONS + 1, 0.0), forward_total(NUM_VERSIONS + 1, 0.0);
     for (const Gemm& gm : gemms) {
-        if (first == 3 && !gm.forward) { continue; }
         float ms_cublas = benchmark_ms(20, gm.cublas);
         total_cublas += ms_cublas;
         if (gm.forward) { forward_cublas += ms_cublas; }
         printf("%-26s cuBLAS     %7.3f ms %6.1f TFLOP/s\n", gm.name, ms_cublas, gemm_flops / (ms_cublas * 1e-3) * 1e-12);
         for (int version = 1; version <= NUM_VERSIONS; version++) {
-            if (version < first || version > last || !version_applies(version, C, H) || (version == 3 && !gm.forward)) { continue; }
+            if (version < first || version > last || !version_applies(version, C, H)) { continue; }
             float ms = benchmark_ms(20, [&]() { gm.ours(version); });
-            if (version != 3) { total[version] += ms; }
+            total[version] += ms;
             if (gm.forward) { forward_total[version] += ms; }
             printf("%-26s version %d  %7.3f ms %6.1f TFLOP/s, %5.1f%% of cuBLAS\n", gm.name, version, ms,
                    gemm_flops / (ms * 1e-3) * 1e-12, 100.0 * ms_cublas / ms);
         }
     }
-    if (first < 3) { printf("six GEMMs: cuBLAS %.3f ms (%.1f TFLOP/s)\n", total_cublas, 6 * gemm_flops / (total_cublas * 1e-3) * 1e-12); }
+    printf("six GEMMs: cuBLAS %.3f ms (%.1f TFLOP/s)\n", total_cublas, 6 * gemm_flops / (total_cublas * 1e-3) * 1e-12);
     for (int version = 1; version <= NUM_VERSIONS; version++) {
         if (total[version] == 0.0) { continue; }
         printf("six GEMMs: version %d %.3f ms (%.1f TFLOP/s), %.1f%% of cuBLAS's rate (target 85%%)\n", version, total[version],
                6 * gemm_flops / (total[version] * 1e-3) * 1e-12, 100.0 * total_cublas / total[version]);
     }
-    for (int version = 1; version <= NUM_VERSIONS; version++) {  // the two forward GEMMs, where version 3 can be compared
+    for (int version = 1; version <= NUM_VERSIONS; version++) {  // the forward's two GEMMs apart
         if (forward_total[version] == 0.0) { continue; }
         printf("forward's two GEMMs: version %d %.3f ms (%.1f TFLOP/s), %.1f%% of cuBLAS's rate (cuBLAS %.3f ms)\n", version,
                forward_total[version], 2 * gemm_flops / (forward_total[version] * 1e-3) * 1e-12, 100.0 * forward_cublas / forward_total[version],
@@ -452,7 +531,7 @@ int main(int argc, char** argv) {
         {"tiny", 4, 32, 128, {37, 0, 133, 30}, 256},              // an empty expert, tiles of 37 and 133 rows
         {"odd", 3, 40, 136, {1, 129, 70}, 210},                   // C, H not multiples of 32: partial stages and columns
         {"C not a multiple of 8", 2, 36, 100, {20, 45}, 80},     // version 1 only
-        {"deep", 2, 328, 520, {150, 70}, 256},                    // 6 and 9 stages of 64: version 3's ring of 4 wraps around
+        {"deep", 2, 136, 520, {300, 20}, 384},                    // depths of 9 (H) and 5 (rows) stages of 64: version 3's ring of 4 wraps around
     };
     if (!quick) { shapes.push_back({"GPT-2 124M widths", 8, 768, 3072, {400, 0, 130, 257, 64, 1, 600, 596}, 2304}); }
     // versions 1 and 2 are validated and timed before version 3, the one not yet run on a GPU: a

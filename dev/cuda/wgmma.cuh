@@ -10,10 +10,15 @@ offsets, each >> 4 in bits 0-13, 16-29 and 32-45, and the swizzle mode in bits 6
 It runs asynchronously: issue (after wgmma.fence), commit the issued ones as a group, and
 wgmma.wait_group N before reading the accumulators or overwriting the operands.
 
-The layout used here has no swizzling and is K-major for both operands (A: m rows of k, B: n
-rows of k, the way X (rows, K) and a weight W (N, K) lie in memory): the operand is cut in core
-matrices of 8 rows x 8 k (16 bytes per row), each stored as 128 contiguous bytes; the core matrix
-next along k starts LBO bytes further, the next along the rows SBO bytes further.
+The layouts used here have no swizzling. An operand is cut in core matrices of 8 x 8 bf16, each
+stored as 128 contiguous bytes, the core matrix next along k LBO bytes further, the next along
+m (A) or n (B) SBO bytes further. Inside a core matrix, either
+  - K-major (imm-trans 0): 8 rows of m (or n), each 8 consecutive k in 16 bytes, the way X
+    (rows, K) or a weight W (N, K) lies in memory; or
+  - MN-major (imm-trans 1, bf16 and f16 only): 8 rows of k, each 8 consecutive m (or n), the
+    way a weight W (K, N) or, for a weight gradient, the activations (rows = k, M) lie.
+(CUTLASS writes these "INTERLEAVE" layouts as ((8,m),(T,2)):((1T,SBO),(1,LBO)) K-major and
+((T,1,m),(8,k)):((1,T,SBO),(1T,LBO)) MN-major, T = 8 bf16.)
 
 Accumulators of m64nNk16 (PTX ISA, "wgmma .m64nNk16 register fragment layout for accumulator
 matrix D"): with w the warp in the warpgroup, g = lane / 4, c = lane % 4, a thread holds N/2
@@ -29,8 +34,8 @@ The CPU emulation (tests/emu) runs these instructions with the semantics written
 #include <cstdint>
 #include "../../kernels/common.cuh"
 
-// a K-major operand without swizzling at smem (16-byte aligned), its core matrices lbo bytes
-// apart along k and sbo bytes apart along the rows
+// an operand without swizzling at smem (16-byte aligned), its core matrices lbo bytes apart
+// along k and sbo bytes apart along m (or n)
 __device__ __forceinline__ uint64_t wgmma_descriptor(const void* smem, uint32_t lbo, uint32_t sbo) {
     uint64_t address = (uint64_t)__cvta_generic_to_shared(smem);
     return ((address >> 4) & 0x3FFF) | ((uint64_t)((lbo >> 4) & 0x3FFF) << 16) | ((uint64_t)((sbo >> 4) & 0x3FFF) << 32);
@@ -64,7 +69,9 @@ __device__ __forceinline__ void wgmma_fence_accumulators(float d[64]) {
                  : "memory");
 }
 
-// d (64 x 128) = A B + (scale_d ? d : 0), A and B K-major in shared memory (wgmma_descriptor)
+// d (64 x 128) = A B + (scale_d ? d : 0), A and B in shared memory (wgmma_descriptor), each
+// K-major (TRANS 0) or MN-major (TRANS 1)
+template <int TRANS_A, int TRANS_B>
 __device__ __forceinline__ void wgmma_m64n128k16(float d[64], uint64_t desc_a, uint64_t desc_b, int scale_d) {
     asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
                  "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {"
@@ -72,7 +79,7 @@ __device__ __forceinline__ void wgmma_m64n128k16(float d[64], uint64_t desc_a, u
                  "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
                  "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
                  "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
-                 "}, %64, %65, p, 1, 1, 0, 0;\n}\n"
+                 "}, %64, %65, p, 1, 1, %67, %68;\n}\n"
                  : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
                    "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
                    "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
@@ -81,5 +88,5 @@ __device__ __forceinline__ void wgmma_m64n128k16(float d[64], uint64_t desc_a, u
                    "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
                    "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
                    "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-                 : "l"(desc_a), "l"(desc_b), "r"(scale_d));
+                 : "l"(desc_a), "l"(desc_b), "r"(scale_d), "n"(TRANS_A), "n"(TRANS_B));
 }

@@ -35,8 +35,8 @@ What is emulated, faithfully enough for the kernels' logic:
     reverse order); shared addresses are offsets into the block's dynamic shared memory,
     checked for bounds and 16-byte alignment.
   - Hopper's wgmma (dev/cuda/wgmma.cuh): wgmma.mma_async m64nNk16 bf16 -> fp32 with both
-    operands in shared memory through matrix descriptors (the layout without swizzling, K-major
-    only), reading the shared memory at its issue in the forward order and at its
+    operands in shared memory through matrix descriptors (the layouts without swizzling,
+    K-major or MN-major), reading the shared memory at its issue in the forward order and at its
     wgmma.wait_group in the reverse order (so an operand refilled before the wait shows up as a
     difference between the orders); the lanes of a warp giving the same descriptors.
   - races, by running everything in two orders: a thread runs alone until its next barrier or
@@ -255,6 +255,7 @@ struct AsyncMma {
     std::vector<float*> d;  // the thread's n/2 accumulators (the asm's "+f" operands)
     uint64_t desc_a, desc_b;
     bool scale_d;           // false: D = A B, the old D ignored
+    bool trans_a, trans_b;  // MN-major operands
     bool done;
 };
 struct AsyncMmas {
@@ -805,13 +806,14 @@ static void check_warpgroups() {
 // element (i, k) of a wgmma operand in shared memory, i the row of A (m) or of B (n), through
 // its matrix descriptor: start address, leading (LBO) and stride (SBO) byte offsets, each stored
 // >> 4 in bits 0-13, 16-29 and 32-45; bits 49-51 the base offset and 62-63 the swizzle mode.
-// Only the layout without swizzling is emulated, K-major: 8 x 8 core matrices of 8 rows of 16
-// contiguous bytes (8 bf16 along k), the next core matrix along k LBO bytes further, the next
-// along i SBO bytes further.
-EMU_NOT_CHECKED static float wgmma_operand(uint64_t desc, int i, int k) {
+// Only the layouts without swizzling are emulated: 8 x 8 core matrices of 128 contiguous bytes,
+// the next core matrix along k LBO bytes further, the next along i SBO bytes further; inside one,
+// K-major (trans 0) 8 rows of i of 8 consecutive k, MN-major (trans 1) 8 rows of k of 8 i.
+EMU_NOT_CHECKED static float wgmma_operand(uint64_t desc, int i, int k, bool mn_major) {
     if ((desc >> 62) != 0 || ((desc >> 49) & 7) != 0) { fail("wgmma descriptor: only the layout without swizzling (mode 0, base offset 0) is emulated"); }
     uint64_t start = (desc & 0x3FFF) << 4, lbo = ((desc >> 16) & 0x3FFF) << 4, sbo = ((desc >> 32) & 0x3FFF) << 4;
-    uint64_t at = start + (uint64_t)(i / 8) * sbo + (uint64_t)(k / 8) * lbo + (uint64_t)(i % 8) * 16 + (uint64_t)(k % 8) * 2;
+    uint64_t inside = mn_major ? (uint64_t)(k % 8) * 16 + (uint64_t)(i % 8) * 2 : (uint64_t)(i % 8) * 16 + (uint64_t)(k % 8) * 2;
+    uint64_t at = start + (uint64_t)(i / 8) * sbo + (uint64_t)(k / 8) * lbo + inside;
     uint16_t bits;
     memcpy(&bits, shared_at(at, 2, 2, "wgmma operand address not aligned"), 2);
     return bf16_half(bits, 0);
@@ -826,19 +828,20 @@ EMU_NOT_CHECKED static void do_wgmma(AsyncMma& mma) {
     int w = me().warp % 4, g = me().lane / 4, c = me().lane % 4;
     float a[2][16];  // this thread's two rows of A
     for (int h = 0; h < 2; h++) {
-        for (int k = 0; k < 16; k++) { a[h][k] = wgmma_operand(mma.desc_a, 16 * w + g + 8 * h, k); }
+        for (int k = 0; k < 16; k++) { a[h][k] = wgmma_operand(mma.desc_a, 16 * w + g + 8 * h, k, mma.trans_a); }
     }
     for (size_t i = 0; i < mma.d.size(); i++) {
         int j = (int)i / 4, row_half = (int)(i % 4) / 2, col = 8 * j + 2 * c + (int)i % 2;
         float acc = mma.scale_d ? *mma.d[i] : 0.0f;
-        for (int k = 0; k < 16; k++) { acc += a[row_half][k] * wgmma_operand(mma.desc_b, col, k); }
+        for (int k = 0; k < 16; k++) { acc += a[row_half][k] * wgmma_operand(mma.desc_b, col, k, mma.trans_b); }
         *mma.d[i] = acc;
     }
     mma.done = true;
 }
 
-// wgmma.mma_async.sync.aligned.m64nNk16.f32.bf16.bf16 {d0..d(N/2-1)}, desc-a, desc-b, p, 1, 1, 0, 0
-// (p = scale-d, set from the operand after the descriptors)
+// wgmma.mma_async.sync.aligned.m64nNk16.f32.bf16.bf16 {d0..d(N/2-1)}, desc-a, desc-b, p, 1, 1,
+// trans-a, trans-b (p = scale-d, set from the operand after the descriptors; the transposes the
+// two operands after it, immediates)
 static void wgmma_issue(const char* ptx, const Operand* ops, size_t count) {
     check_warpgroups();
     if (!whole_warp()) { fail("wgmma.mma_async by a warp with exited threads"); }
@@ -848,13 +851,18 @@ static void wgmma_issue(const char* ptx, const Operand* ops, size_t count) {
         !strstr(at, "k16.f32.bf16.bf16 ")) {
         fail("wgmma.mma_async: only m64nNk16.f32.bf16.bf16 is emulated");
     }
-    if (!strstr(at, ", p, 1, 1, 0, 0;")) { fail("wgmma.mma_async: only scale-a = scale-b = 1 and no transpose (K-major operands) are emulated"); }
-    if (count != (size_t)n / 2 + 3) { fail("wgmma.mma_async: expected N/2 accumulators, two descriptors and scale-d"); }
+    char tail[64];
+    snprintf(tail, sizeof(tail), ", p, 1, 1, %%%d, %%%d;", n / 2 + 3, n / 2 + 4);
+    if (!strstr(at, tail)) { fail("wgmma.mma_async: only scale-a = scale-b = 1, with the transposes as operands, is emulated"); }
+    if (count != (size_t)n / 2 + 5) { fail("wgmma.mma_async: expected N/2 accumulators, two descriptors, scale-d and the two transposes"); }
     AsyncMma mma;
     for (int i = 0; i < n / 2; i++) { mma.d.push_back((float*)ops[i].address); }
     mma.desc_a = ops[n / 2].value;
     mma.desc_b = ops[n / 2 + 1].value;
     mma.scale_d = (uint32_t)ops[n / 2 + 2].value != 0;
+    if (ops[n / 2 + 3].value > 1 || ops[n / 2 + 4].value > 1) { fail("wgmma.mma_async: a transpose other than 0 or 1"); }
+    mma.trans_a = ops[n / 2 + 3].value == 1;
+    mma.trans_b = ops[n / 2 + 4].value == 1;
     mma.done = false;
     if (!async_writes_early()) { do_wgmma(mma); }  // reads its operands at once, before the warp goes on
     uint64_t mine[3] = {mma.desc_a, mma.desc_b, (uint64_t)mma.scale_d};

@@ -78,9 +78,9 @@ __global__ void wgmma_operand_refilled_before_wait(int* out) {
     float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
     asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %6, 0;\n"
-                 "wgmma.mma_async.sync.aligned.m64n8k16.f32.bf16.bf16 {%0, %1, %2, %3}, %4, %5, p, 1, 1, 0, 0;\n}\n"
+                 "wgmma.mma_async.sync.aligned.m64n8k16.f32.bf16.bf16 {%0, %1, %2, %3}, %4, %5, p, 1, 1, %7, %8;\n}\n"
                  : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-                 : "l"(desc_a), "l"(desc_b), "r"(0));
+                 : "l"(desc_a), "l"(desc_b), "r"(0), "n"(0), "n"(0));
     asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
     if (threadIdx.x == 0) {  // a wgmma.wait_group 0 missing before these writes
         for (int i = 1024; i < 1024 + 128; i++) { operands[i] = two; }
