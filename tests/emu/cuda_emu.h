@@ -237,7 +237,7 @@ struct Thread {
 };
 
 // a cp.async in flight: done at the cp.async.wait_group that covers its group, or already at
-// its issue (see async_early below)
+// its issue (see async_writes_early below)
 struct AsyncCopy {
     void* dst;
     const void* src;
@@ -755,7 +755,7 @@ static void do_copy(AsyncCopy& copy) {
     copy.done = true;
 }
 
-// cp.async.{ca,cg}.shared.global [dst], [src], bytes, src_bytes: queued until its wait_group
+// cp.async.{ca,cg}.shared.global [dst], [src], bytes, src_bytes: queued until its wait_group (or done at once: async_writes_early)
 static void cp_async(const char* ptx, const Operand* ops) {
     int bytes = 0;
     const char* p = strchr(ptx, ']');
