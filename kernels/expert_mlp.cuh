@@ -179,6 +179,24 @@ __device__ __forceinline__ void xm_load_stage(floatX* tile, const floatX* src, i
     }
 }
 
+// The epilogues' stores of two adjacent output columns (at, at + 1), shared with the wgmma
+// version of dev/cuda/expert_mlp.cu: a row output rounded to bf16 as stored, with GELU of the
+// stored values (one 4-byte store each), or a weight gradient's fp32 pair (one 8-byte
+// read-modify-write)
+__device__ __forceinline__ void xm_store_pair(floatX* out, floatX* gelu_out, size_t at, float v0, float v1) {
+    float s0 = to_float(from_float<floatX>(v0)), s1 = to_float(from_float<floatX>(v1));  // as stored
+    *reinterpret_cast<uint32_t*>(out + at) = pack_bf16x2(s0, s1);
+    if (gelu_out) { *reinterpret_cast<uint32_t*>(gelu_out + at) = pack_bf16x2(gelu_tanh(s0), gelu_tanh(s1)); }
+}
+
+__device__ __forceinline__ void xm_add_pair(float* dW, size_t at, float a0, float a1) {
+    float2* p = reinterpret_cast<float2*>(dW + at);
+    float2 w = *p;
+    w.x += a0;
+    w.y += a1;
+    *p = w;
+}
+
 // acc += A_s . B_s over one stage: two k-steps of 16, each 4 A fragments, 4 B fragments, 16 mma
 template <bool A_K_ALONG, bool B_K_ALONG>
 __device__ __forceinline__ void xm_mma_stage(float acc[4][4][4], const floatX* a_s, const floatX* b_s, int warp_m, int warp_n) {
@@ -281,12 +299,8 @@ __global__ void __launch_bounds__(XM_WARPS * WARP_SIZE)
             for (int ni = 0; ni < 4; ni++) {
                 int n = n0 + (warp % 4) * 32 + ni * 8 + 2 * c;
                 if (n >= N) { continue; }
-                // one 4-byte store for the two columns
-                float v0 = acc[mi][ni][half * 2] + bias_n[ni][0], v1 = acc[mi][ni][half * 2 + 1] + bias_n[ni][1];
-                float s0 = to_float(from_float<floatX>(v0)), s1 = to_float(from_float<floatX>(v1));  // as stored
-                size_t at = (size_t)row * N + n;
-                *reinterpret_cast<uint32_t*>(out + at) = pack_bf16x2(s0, s1);
-                if (gelu_out) { *reinterpret_cast<uint32_t*>(gelu_out + at) = pack_bf16x2(gelu_tanh(s0), gelu_tanh(s1)); }
+                xm_store_pair(out, gelu_out, (size_t)row * N + n, acc[mi][ni][half * 2] + bias_n[ni][0],
+                              acc[mi][ni][half * 2 + 1] + bias_n[ni][1]);
             }
         }
     }
@@ -313,14 +327,9 @@ __global__ void __launch_bounds__(XM_WARPS * WARP_SIZE)
             if (m >= M) { continue; }
             #pragma unroll
             for (int ni = 0; ni < 4; ni++) {
-                // columns n, n + 1 (n even, N a multiple of 8): one 8-byte read-modify-write
-                int n = n0 + (warp % 4) * 32 + ni * 8 + 2 * c;
+                int n = n0 + (warp % 4) * 32 + ni * 8 + 2 * c;  // columns n, n + 1 (n even, N a multiple of 8)
                 if (n >= N) { continue; }
-                float2* at = reinterpret_cast<float2*>(dWe + (size_t)m * N + n);
-                float2 w = *at;
-                w.x += acc[mi][ni][half * 2];
-                w.y += acc[mi][ni][half * 2 + 1];
-                *at = w;
+                xm_add_pair(dWe, (size_t)m * N + n, acc[mi][ni][half * 2], acc[mi][ni][half * 2 + 1]);
             }
         }
     }

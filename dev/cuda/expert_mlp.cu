@@ -194,11 +194,7 @@ __global__ void __launch_bounds__(256)
         for (int half = 0; half < 2; half++) {
             int row = first + 64 * (threadIdx.x / 128) + 16 * w + g + 8 * half;
             if (row >= end) { continue; }
-            float s0 = to_float(from_float<floatX>(acc[4 * j + 2 * half] + b0));  // as stored
-            float s1 = to_float(from_float<floatX>(acc[4 * j + 2 * half + 1] + b1));
-            size_t at = (size_t)row * N + n;
-            *reinterpret_cast<uint32_t*>(out + at) = pack_bf16x2(s0, s1);
-            if (gelu_out) { *reinterpret_cast<uint32_t*>(gelu_out + at) = pack_bf16x2(gelu_tanh(s0), gelu_tanh(s1)); }
+            xm_store_pair(out, gelu_out, (size_t)row * N + n, acc[4 * j + 2 * half] + b0, acc[4 * j + 2 * half + 1] + b1);
         }
     }
 }
@@ -217,17 +213,13 @@ __global__ void __launch_bounds__(256)
     int lane = threadIdx.x % WARP_SIZE, w = threadIdx.x % 128 / WARP_SIZE, g = lane / 4, c = lane % 4;
     #pragma unroll
     for (int j = 0; j < XW_TILE / 8; j++) {
-        int n = n0 + 8 * j + 2 * c;  // columns n, n + 1 (N a multiple of 8): one 8-byte read-modify-write
+        int n = n0 + 8 * j + 2 * c;  // columns n, n + 1 (N a multiple of 8)
         if (n >= N) { continue; }
         #pragma unroll
         for (int half = 0; half < 2; half++) {
             int m = m0 + 64 * (threadIdx.x / 128) + 16 * w + g + 8 * half;
             if (m >= M) { continue; }
-            float2* at = reinterpret_cast<float2*>(dWe + (size_t)m * N + n);
-            float2 v = *at;
-            v.x += acc[4 * j + 2 * half];
-            v.y += acc[4 * j + 2 * half + 1];
-            *at = v;
+            xm_add_pair(dWe, (size_t)m * N + n, acc[4 * j + 2 * half], acc[4 * j + 2 * half + 1]);
         }
     }
 }

@@ -54,7 +54,8 @@ __device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sy
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 
 // keeps the compiler from moving accesses to the 64 accumulators across this point (they are
-// written by the tensor cores behind its back until wgmma_wait)
+// written by the tensor cores behind its back until wgmma_wait). The operand lists here and
+// below are written out, not made by a macro: tests/emu/translate.py reads them as written.
 __device__ __forceinline__ void wgmma_fence_accumulators(float d[64]) {
     asm volatile(""
                  : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
