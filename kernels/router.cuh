@@ -17,10 +17,11 @@ The kernels:
                          cores: Wr and h cross L2 once per tile, not once per token.
   router_scores_kernel   one warp per token: softmax and log-sum-exp of its logits, then k rounds
                          of a warp arg-max for the top-k and the combine weights.
-  route_keep_kernel      where something may be dropped (a capacity, expert choice), a block
-                         per expert: which of its candidates it keeps, slot by slot (by score, a
-                         radix select of the cut key in four 8-bit passes, ties in token order).
-                         Dropless token choice, the default, keeps every candidate and skips it.
+  route_keep_*_kernel    where something may be dropped (a capacity, expert choice): which of
+                         its candidates each expert keeps, slot by slot (by score, a radix select
+                         of the cut key in four 8-bit passes, ties in token order), over blocks
+                         of (chunk of tokens, expert). Dropless token choice, the default, keeps
+                         every candidate and skips them.
   The row layout, a counting sort of the kept candidates by expert that keeps token order, over
   tiles of whole tokens with about ROUTE_TILE = 256 candidates each, 8 tokens at least (N k / 256
   tiles: 512 for top-2 at N = 65536):
@@ -54,7 +55,7 @@ Every sum has a fixed order: two runs give the same bits.
 #include "reduce.cuh"
 #include "../common/model_config.h"
 
-#define ROUTE_THREADS 1024      // the blocks of route_keep_kernel and route_offsets_kernel
+#define ROUTE_THREADS 1024      // the blocks of route_offsets_kernel and routing_stats_kernel
 #define ROUTE_TILE 256          // a tile's candidates (about), and the blocks of the other layout kernels
 #define ROUTE_MAX_EXPERTS 1024  // the most experts a config allows (model_config.h), at most ROUTE_THREADS
 #define ROUTER_TOKEN_CHUNK 128  // tokens per partial sum of dWr
@@ -105,6 +106,12 @@ struct DeviceRouting {
     double* tile_prob_sums;    // (E, tiles) sum over tile b's tokens of p[t][e]
     double* tile_entropy;      // (tiles) sum over tile b's tokens of -sum_e p log p
     int* tile_row_start;       // (tiles) kept candidates in tile b; then the first of its tokens' rows
+    // the capacity rule's scratch, per expert and chunk of route_keep_chunks: only for a config
+    // that may drop (a capacity, expert choice), NULL otherwise
+    int* keep_counts;          // (E, k, chunks) token choice: e's candidates in slot j of chunk s
+    int* keep_hist;            // (E, chunks, 256) by score: a radix pass's histogram of the cut slot's keys
+    int* keep_ties;            // (E, chunks) the cut slot's candidates equal to the cut key before chunk s
+    int* keep_plan;            // (E, KEEP_PLAN_INTS) e's slots kept whole, cut slot and cut key
     // backward: scratch of one layer's backward, which a model's MoE layers share (backward_owner)
     float* drow_weight;        // (max_rows) dL/d row_weight, from unpermute_tokens_backward
     float* dlogits;            // (N, E)
@@ -352,54 +359,9 @@ __device__ __forceinline__ int route_candidate(const DeviceRouting& r, const Rou
 
 // The priority of a candidate within its slot (larger first, equal ones in token order): its
 // probability by score (a p >= 0 compares as its bits do), none by order.
-__device__ __forceinline__ bool route_by_score(const RouteLayoutArgs& a) { return a.expert_choice || a.priority == PRIORITY_SCORE; }
+__host__ __device__ __forceinline__ bool route_by_score(const RouteLayoutArgs& a) { return a.expert_choice || a.priority == PRIORITY_SCORE; }
 __device__ __forceinline__ unsigned route_key(const DeviceRouting& r, const RouteLayoutArgs& a, int t, int e) {
     return route_by_score(a) ? __float_as_uint(r.probs[(size_t)t * a.E + e]) : 0u;
-}
-
-// Radix select over the block: the need-th largest key (need >= 1) among expert e's candidates in
-// slot j, each thread taking every blockDim.x-th token. Returns the key and sets *ties_kept to how
-// many candidates equal to it are kept (need minus those above it). Four passes of 8 bits from
-// the top: a histogram of the candidates that match the digits found so far, then the bin in which
-// the need-th largest falls. The histogram counts integers, so the result does not depend on the
-// order of the atomics.
-__device__ unsigned route_select_key(const DeviceRouting& r, const RouteLayoutArgs& a, int j, int e, int need, int* ties_kept) {
-    __shared__ int hist[256];
-    __shared__ unsigned found[2];  // the digits found so far, the need left within them
-    unsigned prefix = 0, mask = 0;
-    for (int shift = 24; shift >= 0; shift -= 8) {
-        for (int b = threadIdx.x; b < 256; b += blockDim.x) { hist[b] = 0; }
-        __syncthreads();  // hist is zero; and every thread has read the last pass's `found`
-        for (int t = threadIdx.x; t < a.N; t += blockDim.x) {
-            int i = route_candidate(r, a, t, j, e);
-            unsigned key = i >= 0 ? route_key(r, a, t, e) : 0u;
-            if (i >= 0 && (key & mask) == prefix) { atomicAdd(&hist[(key >> shift) & 255], 1); }
-        }
-        __syncthreads();
-        if (threadIdx.x < WARP_SIZE) {
-            // lane l holds the bins 255 - 8l down to 248 - 8l; the lanes before it hold the larger keys
-            int lane = threadIdx.x, top = 255 - 8 * lane, sum = 0;
-            for (int b = top; b > top - 8; b--) { sum += hist[b]; }
-            int above = sum;
-            for (int offset = 1; offset < WARP_SIZE; offset <<= 1) {
-                int u = __shfl_up_sync(0xffffffff, above, offset);
-                if (lane >= offset) { above += u; }
-            }
-            above -= sum;  // the keys in the bins of the earlier lanes
-            if (above < need && above + sum >= need) {  // one lane: the need-th largest is in its bins
-                int b = top, left = need - above;
-                while (hist[b] < left) { left -= hist[b--]; }
-                found[0] = prefix | ((unsigned)b << shift);
-                found[1] = (unsigned)left;
-            }
-        }
-        __syncthreads();
-        prefix = found[0];
-        need = (int)found[1];
-        mask |= 255u << shift;
-    }
-    *ties_kept = need;
-    return prefix;
 }
 
 // The expert of candidate i
@@ -407,58 +369,222 @@ __device__ __forceinline__ int route_expert(const DeviceRouting& r, const RouteL
     return a.expert_choice ? i % a.E : r.choice_expert[i];
 }
 
-// The capacity rule for expert e, by the whole block (route_keep_kernel runs a block per expert,
-// only with a capacity, for expert choice, or under the tests' teacher forcing: dropless token
-// choice keeps everything). Slot by slot (all first choices before any second choice), a slot's
-// candidates are all kept while they fit in what is left of the capacity; in the slot where it
-// runs out, the first ones by priority are kept: by order, the first in token order; by score
-// (and for expert choice), those above the cut key found by route_select_key, and of those equal
-// to it the first in token order. Later slots keep nothing. Writes keep[i] = 0 (kept) or -1
-// (choice_row for token choice, pair_row for expert choice: the blocks write disjoint
-// candidates). Passes in token order go through tiles of blockDim.x consecutive tokens, a token
-// per thread (neighbouring threads read neighbouring tokens' choices), a block scan ordering
-// each tile and a running count of the tiles before it.
-__device__ void route_keep_expert(const DeviceRouting& r, const RouteLayoutArgs& a, int e, int* scan_shared) {
-    int N = a.N, threads = blockDim.x;
-    int slots = a.expert_choice ? 1 : a.k;
-    int* keep = a.expert_choice ? r.pair_row : r.choice_row;
+// The capacity rule (doc/routing.md section 3), run only where something may be dropped (a
+// capacity, expert choice, or the tests' teacher forcing: dropless token choice keeps every
+// candidate). For each expert e, slot by slot (all first choices before any second choice), a
+// slot's candidates are all kept while they fit in what is left of the capacity; in the slot
+// where it runs out (the cut slot) the first ones by priority are kept: by order, the first in
+// token order; by score (and for expert choice), those above the cut key, the left-th largest
+// key of the slot, and of those equal to it the first in token order. Later slots keep nothing.
+// The work is spread over blocks of (chunk of tokens, expert), about ROUTE_KEEP_BLOCKS of them:
+//   route_keep_count_kernel      (chunk, expert), token choice: e's candidates per slot in the chunk;
+//   route_keep_plan_kernel       a block per expert: the slots kept whole and the cut slot, from
+//                                the counts; by order, the cut slot's candidates before each chunk;
+//   route_keep_histogram_kernel  (chunk, expert), by score, four passes of 8 bits from the top: a
+//   route_keep_select_kernel     histogram of the cut slot's keys that match the digits found so
+//                                far, then (a block per expert) the bin where the left-th largest
+//                                falls; after the last pass the key is whole, and the last
+//                                histograms count the candidates equal to it in each chunk;
+//   route_keep_mark_kernel       (chunk, expert): keep[i] = 0 (kept) or -1 for e's candidates, the
+//                                ties ranked in token order by a block scan and the ties of the
+//                                earlier chunks.
+// Every count is an integer: the decisions do not depend on the order of the atomics. (Version 2
+// of dev/cuda/routing.cu ran all of it in one block per expert over all N tokens, E blocks in
+// all, a chain of block scans and radix passes over 64 rounds of 1024 tokens at N = 65536.)
+#define ROUTE_KEEP_THREADS 256     // the blocks of the capacity rule: a thread per histogram bin
+#define ROUTE_KEEP_BLOCKS 1024     // (chunk, expert) blocks aimed at: about 8 per multiprocessor
+#define ROUTE_KEEP_MIN_CHUNK 512   // tokens a chunk holds at least
+// an expert's plan (keep_plan, KEEP_PLAN_INTS ints an expert)
+#define KEEP_FULL_SLOTS 0  // the slots kept whole, 0 .. full - 1
+#define KEEP_CUT_SLOT 1    // the slot the capacity runs out in while some is left, or -1
+#define KEEP_CUT_KEY 2     // the digits of the cut key found so far (the whole key at the end)
+#define KEEP_KEY_MASK 3    // the bits of the key those digits are
+#define KEEP_NEED 4        // the candidates still to keep among those matching the digits; at the
+                           // end, of those equal to the cut key, how many are kept
+#define KEEP_PLAN_INTS 8
 
-    int left = a.cap < 0 ? INT_MAX : a.cap;  // rows e may still take
-    for (int j = 0; j < slots; j++) {
-        int mine = 0, count;
-        for (int t = threadIdx.x; t < N; t += threads) { mine += route_candidate(r, a, t, j, e) >= 0; }
-        block_exclusive_scan(mine, scan_shared, &count);
-        if (r.forced_keep) {  // the tests' teacher forcing
-            for (int t = threadIdx.x; t < N; t += threads) {
-                int i = route_candidate(r, a, t, j, e);
-                if (i >= 0) { keep[i] = r.forced_keep[i] ? 0 : -1; }
-            }
-            continue;
-        }
-        // all kept while they fit, none once the capacity is spent; in the slot where it runs out,
-        // keys above the cut and the first ties_kept of those equal to it, in token order
-        bool cut_here = count > left && left > 0;  // the same in every thread
-        unsigned cut = 0;  // by order every key is 0: the first `left` in token order
-        int ties_kept = left;
-        if (cut_here && route_by_score(a)) { cut = route_select_key(r, a, j, e, left, &ties_kept); }
-        int ties_before = 0;  // candidates equal to the cut in the earlier tiles
-        for (int base = 0; base < N; base += threads) {
-            int t = base + threadIdx.x;
-            int i = t < N ? route_candidate(r, a, t, j, e) : -1;
-            unsigned key = i >= 0 ? route_key(r, a, t, e) : 0u;
-            bool tied = i >= 0 && key == cut;
-            int tie = 0, tile_ties = 0;  // this candidate's rank among the tied ones, in token order
-            if (cut_here) { tie = ties_before + block_exclusive_scan(tied, scan_shared, &tile_ties); }
-            if (i >= 0) { keep[i] = count <= left || (cut_here && (key > cut || (tied && tie < ties_kept))) ? 0 : -1; }
-            ties_before += tile_ties;
-        }
-        left = max(0, left - count);
+// The chunks of the capacity rule for n tokens of E experts, ROUTE_KEEP_MIN_CHUNK tokens at least
+__host__ __device__ inline int route_keep_chunks(int n, int E) {
+    int by_tokens = (n + ROUTE_KEEP_MIN_CHUNK - 1) / ROUTE_KEEP_MIN_CHUNK, by_blocks = ROUTE_KEEP_BLOCKS / E;
+    return max(1, min(by_tokens, by_blocks));
+}
+// tokens t0 .. t1 - 1 of chunk s (of `chunks`; the last may hold fewer, or none)
+__device__ __forceinline__ void route_keep_chunk(int n, int chunks, int s, int* t0, int* t1) {
+    int per_chunk = (n + chunks - 1) / chunks;
+    *t0 = min(n, s * per_chunk);
+    *t1 = min(n, *t0 + per_chunk);
+}
+
+// counter[bin] += 1 for every lane whose bin is not -1, one atomicAdd per bin held by the warp
+// (its lanes with the same bin find each other): 32 lanes adding to one bin cost one atomic, not
+// 32 in a row. Every lane of the warp must call it.
+__device__ __forceinline__ void warp_count(int* counter, int bin) {
+    unsigned same = __match_any_sync(0xffffffff, bin);
+    if (bin >= 0 && (int)(threadIdx.x % WARP_SIZE) == 31 - __clz((int)same)) { atomicAdd(&counter[bin], __popc(same)); }
+}
+
+// Exclusive scan of one expert's per-chunk counts, count(s) for s < chunks, into out[s], by one
+// warp (every lane calls it) in rounds of 32 chunks
+template <typename F>
+__device__ void route_keep_scan_chunks(int* out, int chunks, F count) {
+    int lane = threadIdx.x % WARP_SIZE, before = 0;
+    for (int base = 0; base < chunks; base += WARP_SIZE) {
+        int s = base + lane, v = s < chunks ? count(s) : 0;
+        int inclusive = warp_inclusive_scan(v);
+        if (s < chunks) { out[s] = before + inclusive - v; }
+        before += __shfl_sync(0xffffffff, inclusive, WARP_SIZE - 1);
     }
 }
 
-__global__ void __launch_bounds__(ROUTE_THREADS) route_keep_kernel(DeviceRouting r, RouteLayoutArgs a) {
+__global__ void __launch_bounds__(ROUTE_KEEP_THREADS) route_keep_count_kernel(DeviceRouting r, RouteLayoutArgs a, int chunks) {
+    extern __shared__ int slot_count[];  // (k)
+    int s = blockIdx.x, e = blockIdx.y, k = a.k, t0, t1;
+    route_keep_chunk(a.N, chunks, s, &t0, &t1);
+    for (int j = threadIdx.x; j < k; j += blockDim.x) { slot_count[j] = 0; }
+    __syncthreads();
+    // the chunk's candidates i = t k + j in order, a thread each (neighbouring threads, neighbouring ints)
+    for (int base = t0 * k; base < t1 * k; base += blockDim.x) {
+        int i = base + threadIdx.x;
+        warp_count(slot_count, i < t1 * k && r.choice_expert[i] == e ? i % k : -1);
+    }
+    __syncthreads();
+    for (int j = threadIdx.x; j < k; j += blockDim.x) { r.keep_counts[((size_t)e * k + j) * chunks + s] = slot_count[j]; }
+}
+
+__global__ void __launch_bounds__(ROUTE_KEEP_THREADS) route_keep_plan_kernel(DeviceRouting r, RouteLayoutArgs a, int chunks) {
     __shared__ int scan_shared[WARP_SIZE + 1];
-    route_keep_expert(r, a, blockIdx.x, scan_shared);
+    int e = blockIdx.x, slots = a.expert_choice ? 1 : a.k;
+    const int* counts = r.keep_counts + (size_t)e * a.k * chunks;  // token choice: (k, chunks)
+    int left = a.cap, full = slots, cut_slot = -1;
+    for (int j = 0; j < slots; j++) {
+        int count = a.N;  // expert choice: every token is a candidate
+        if (!a.expert_choice) {
+            int mine = 0;
+            for (int s = threadIdx.x; s < chunks; s += blockDim.x) { mine += counts[(size_t)j * chunks + s]; }
+            count = block_reduce_sum(mine, scan_shared);  // the same in every thread
+        }
+        if (count > left) {
+            full = j;
+            cut_slot = left > 0 ? j : -1;  // none left: this slot and the later ones keep nothing
+            break;
+        }
+        left -= count;
+    }
+    if (threadIdx.x == 0) {
+        int* plan = r.keep_plan + (size_t)e * KEEP_PLAN_INTS;
+        plan[KEEP_FULL_SLOTS] = full;
+        plan[KEEP_CUT_SLOT] = cut_slot;
+        plan[KEEP_CUT_KEY] = 0;
+        plan[KEEP_KEY_MASK] = route_by_score(a) ? 0 : -1;  // by order every key is 0: the cut key is found
+        plan[KEEP_NEED] = left;
+    }
+    if (cut_slot >= 0 && !route_by_score(a) && threadIdx.x < WARP_SIZE) {  // by order the ties are all of the cut slot's candidates
+        route_keep_scan_chunks(r.keep_ties + (size_t)e * chunks, chunks, [&](int s) { return counts[(size_t)cut_slot * chunks + s]; });
+    }
+}
+
+__global__ void __launch_bounds__(ROUTE_KEEP_THREADS) route_keep_histogram_kernel(DeviceRouting r, RouteLayoutArgs a, int chunks, int shift) {
+    __shared__ int hist[256];
+    int s = blockIdx.x, e = blockIdx.y, t0, t1;
+    const int* plan = r.keep_plan + (size_t)e * KEEP_PLAN_INTS;
+    int j = plan[KEEP_CUT_SLOT];
+    if (j < 0) { return; }  // the whole block: e keeps or drops whole slots
+    unsigned prefix = (unsigned)plan[KEEP_CUT_KEY], mask = (unsigned)plan[KEEP_KEY_MASK];
+    route_keep_chunk(a.N, chunks, s, &t0, &t1);
+    hist[threadIdx.x] = 0;
+    __syncthreads();
+    for (int base = t0; base < t1; base += blockDim.x) {
+        int t = base + threadIdx.x, bin = -1;
+        if (t < t1 && route_candidate(r, a, t, j, e) >= 0) {
+            unsigned key = route_key(r, a, t, e);
+            if ((key & mask) == prefix) { bin = (key >> shift) & 255; }
+        }
+        warp_count(hist, bin);
+    }
+    __syncthreads();
+    r.keep_hist[((size_t)e * chunks + s) * 256 + threadIdx.x] = hist[threadIdx.x];
+}
+
+__global__ void __launch_bounds__(ROUTE_KEEP_THREADS) route_keep_select_kernel(DeviceRouting r, int chunks, int shift) {
+    __shared__ int total[256];
+    __shared__ int found[2];  // the bin, the need left within it
+    int e = blockIdx.x;
+    int* plan = r.keep_plan + (size_t)e * KEEP_PLAN_INTS;
+    if (plan[KEEP_CUT_SLOT] < 0) { return; }
+    const int* hist = r.keep_hist + (size_t)e * chunks * 256;
+    int need = plan[KEEP_NEED], sum = 0;
+    for (int s = 0; s < chunks; s++) { sum += hist[(size_t)s * 256 + threadIdx.x]; }
+    total[threadIdx.x] = sum;
+    if (threadIdx.x == 0) {  // found below whenever the histograms are whole; defined even when not
+        found[0] = 0;        // (the sampled emulation of a full-size step runs one block of a launch)
+        found[1] = need;
+    }
+    __syncthreads();
+    if (threadIdx.x < WARP_SIZE) {
+        // lane l holds the bins 255 - 8l down to 248 - 8l; the lanes before it hold the larger keys
+        int lane = threadIdx.x, top = 255 - 8 * lane, mine = 0;
+        for (int b = top; b > top - 8; b--) { mine += total[b]; }
+        int above = warp_inclusive_scan(mine) - mine;  // the keys in the bins of the earlier lanes
+        if (above < need && above + mine >= need) {  // one lane: the need-th largest is in its bins
+            int b = top, left = need - above;
+            while (total[b] < left) { left -= total[b--]; }
+            found[0] = b;
+            found[1] = left;
+        }
+    }
+    __syncthreads();
+    int bin = found[0];
+    if (threadIdx.x == 0) {
+        plan[KEEP_CUT_KEY] |= bin << shift;
+        plan[KEEP_KEY_MASK] |= 255 << shift;
+        plan[KEEP_NEED] = found[1];
+    }
+    if (shift == 0 && threadIdx.x < WARP_SIZE) {  // the key is whole: bin `bin` of the last histograms counts the keys equal to it
+        route_keep_scan_chunks(r.keep_ties + (size_t)e * chunks, chunks, [&](int s) { return hist[(size_t)s * 256 + bin]; });
+    }
+}
+
+__global__ void __launch_bounds__(ROUTE_KEEP_THREADS) route_keep_mark_kernel(DeviceRouting r, RouteLayoutArgs a, int chunks) {
+    __shared__ int scan_shared[WARP_SIZE + 1];
+    int s = blockIdx.x, e = blockIdx.y, slots = a.expert_choice ? 1 : a.k, t0, t1;
+    int* keep = a.expert_choice ? r.pair_row : r.choice_row;
+    route_keep_chunk(a.N, chunks, s, &t0, &t1);
+    if (r.forced_keep) {  // the tests' teacher forcing
+        for (int t = t0 + threadIdx.x; t < t1; t += blockDim.x) {
+            for (int j = 0; j < slots; j++) {
+                int i = route_candidate(r, a, t, j, e);
+                if (i >= 0) { keep[i] = r.forced_keep[i] ? 0 : -1; }
+            }
+        }
+        return;
+    }
+    const int* plan = r.keep_plan + (size_t)e * KEEP_PLAN_INTS;
+    int full = plan[KEEP_FULL_SLOTS], cut_slot = plan[KEEP_CUT_SLOT], ties_kept = plan[KEEP_NEED];
+    unsigned cut = (unsigned)plan[KEEP_CUT_KEY];
+    int ties_before = cut_slot >= 0 ? r.keep_ties[(size_t)e * chunks + s] : 0;  // equal to the cut key in the earlier chunks
+    for (int base = t0; base < t1; base += blockDim.x) {
+        int t = base + threadIdx.x, cut_i = -1;  // this token's candidate in the cut slot
+        bool above = false, tied = false;
+        if (t < t1) {
+            for (int j = 0; j < slots; j++) {
+                int i = route_candidate(r, a, t, j, e);
+                if (i < 0) { continue; }
+                if (j == cut_slot) {
+                    unsigned key = route_key(r, a, t, e);
+                    above = key > cut;
+                    tied = key == cut;
+                    cut_i = i;
+                } else {
+                    keep[i] = j < full ? 0 : -1;
+                }
+            }
+        }
+        if (cut_slot >= 0) {  // the same in the whole block: the ties ranked in token order
+            int round_ties, rank = ties_before + block_exclusive_scan(tied, scan_shared, &round_ties);
+            if (cut_i >= 0) { keep[cut_i] = above || (tied && rank < ties_kept) ? 0 : -1; }
+            ties_before += round_ties;
+        }
+    }
 }
 
 // The layout's tiles: route_tile_tokens whole tokens each, candidates i = first .. last - 1 of
@@ -476,7 +602,7 @@ __device__ __forceinline__ RouteTile route_tile(const RouteLayoutArgs& a, int b)
     return tile;
 }
 
-// whether candidate i is kept: all are in dropless token choice (route_keep_kernel did not run)
+// whether candidate i is kept: all are in dropless token choice (route_keep did not run)
 __device__ __forceinline__ bool route_kept(const DeviceRouting& r, const RouteLayoutArgs& a, const int* keep, int i) {
     return (a.cap < 0 && !a.expert_choice && !r.forced_keep) || keep[i] >= 0;
 }
@@ -787,6 +913,13 @@ static void routing_add_buffers(DeviceRouting* r, DeviceBuffers* d, const ModelC
     buffers_add(d, &r->tile_prob_sums, tiles_E);
     buffers_add(d, &r->tile_entropy, r->tiles);
     buffers_add(d, &r->tile_row_start, r->tiles);
+    if (ec || cfg->capacity_factor > 0) {  // something may be dropped: the capacity rule's scratch
+        size_t chunks_E = (size_t)route_keep_chunks(N, E) * E;
+        if (!ec) { buffers_add(d, &r->keep_counts, chunks_E * r->k); }
+        if (ec || cfg->capacity_priority == PRIORITY_SCORE) { buffers_add(d, &r->keep_hist, chunks_E * 256); }
+        buffers_add(d, &r->keep_ties, chunks_E);
+        buffers_add(d, &r->keep_plan, (size_t)E * KEEP_PLAN_INTS);
+    }
     buffers_add(d, &r->stats, E + 4);
     r->backward_owner = backward_owner;
     if (backward_owner) {
@@ -818,9 +951,9 @@ static void routing_ready(DeviceRouting* r) {
 //                  log-sum-exp of every token and, for token choice, its top-k and combine weights
 //                  (router_choose: router_scores_kernel);
 //   route_layout   the capacity rule, the expert-contiguous row layout, each token's rows and the
-//                  auxiliary losses (route_keep_kernel where something may be dropped, then
-//                  route_count_kernel, route_scan_kernel, route_offsets_kernel and
-//                  route_place_kernel).
+//                  auxiliary losses (route_keep: the route_keep_*_kernels where something may
+//                  be dropped; then route_rows: route_count_kernel, route_scan_kernel,
+//                  route_offsets_kernel and route_place_kernel).
 
 // logits (n, E) = h (n, C) . routerw (E, C)^T: A(t, c) = h[t C + c], B(c, e) = routerw[e C + c]
 static void router_logits(float* logits, const floatX* h, const float* routerw, int n, int C, int E, cudaStream_t stream) {
@@ -854,25 +987,57 @@ static void router_scores(DeviceRouting* r, const floatX* h, const float* router
     router_choose(r, cfg, n, stream);
 }
 
-// the layout of the r->n tokens router_scores scored
-static void route_layout(DeviceRouting* r, const ModelConfig* cfg, cudaStream_t stream) {
-    int n = r->n, E = cfg->num_experts;
-    bool ec = cfg->router == ROUTER_EXPERT;
-    int k = ec ? 0 : cfg->top_k;
-    RouteLayoutArgs a = {n, E, k, ec ? expert_choice_capacity(cfg, n) : token_choice_capacity(cfg, n), cfg->capacity_priority, ec};
-    int tiles = ceil_div_int(n, route_tile_tokens(route_per_token(ec, E, k)));
-    if (a.cap >= 0 || r->forced_keep) {  // dropless token choice keeps every candidate
-        route_keep_kernel<<<E, ROUTE_THREADS, 0, stream>>>(*r, a);
+// the capacity rule's kernels (route_keep_count_kernel and the rest, above) for the layout a
+static void route_keep(DeviceRouting* r, const RouteLayoutArgs& a, cudaStream_t stream) {
+    static_assert(ROUTE_KEEP_THREADS == 256, "a thread per bin of the radix passes' histograms");
+    int chunks = route_keep_chunks(a.N, a.E);
+    dim3 grid(chunks, a.E);
+    if (!r->forced_keep) {
+        if (!a.expert_choice) {
+            route_keep_count_kernel<<<grid, ROUTE_KEEP_THREADS, a.k * sizeof(int), stream>>>(*r, a, chunks);
+            cudaCheckLaunch();
+        }
+        route_keep_plan_kernel<<<a.E, ROUTE_KEEP_THREADS, 0, stream>>>(*r, a, chunks);
         cudaCheckLaunch();
+        if (route_by_score(a)) {
+            for (int shift = 24; shift >= 0; shift -= 8) {
+                route_keep_histogram_kernel<<<grid, ROUTE_KEEP_THREADS, 0, stream>>>(*r, a, chunks, shift);
+                cudaCheckLaunch();
+                route_keep_select_kernel<<<a.E, ROUTE_KEEP_THREADS, 0, stream>>>(*r, chunks, shift);
+                cudaCheckLaunch();
+            }
+        }
     }
+    route_keep_mark_kernel<<<grid, ROUTE_KEEP_THREADS, 0, stream>>>(*r, a, chunks);
+    cudaCheckLaunch();
+}
+
+// the row layout of the kept candidates, and the losses (route_count_kernel and the three after it)
+static void route_rows(DeviceRouting* r, const RouteLayoutArgs& a, cudaStream_t stream) {
+    int tiles = ceil_div_int(a.N, route_tile_tokens(route_per_token(a.expert_choice, a.E, a.k)));
     route_count_kernel<<<tiles, ROUTE_TILE, 0, stream>>>(*r, a);
     cudaCheckLaunch();
-    route_scan_kernel<<<E, ROUTE_TILE, 0, stream>>>(*r, tiles);
+    route_scan_kernel<<<a.E, ROUTE_TILE, 0, stream>>>(*r, tiles);
     cudaCheckLaunch();
     route_offsets_kernel<<<1, ROUTE_THREADS, 0, stream>>>(*r, a, tiles);
     cudaCheckLaunch();
     route_place_kernel<<<tiles, ROUTE_TILE, 0, stream>>>(*r, a);
     cudaCheckLaunch();
+}
+
+// the sizes of the layout of the r->n tokens router_scores scored
+static RouteLayoutArgs route_layout_args(const DeviceRouting* r, const ModelConfig* cfg) {
+    int n = r->n;
+    bool ec = cfg->router == ROUTER_EXPERT;
+    return {n, cfg->num_experts, ec ? 0 : cfg->top_k, ec ? expert_choice_capacity(cfg, n) : token_choice_capacity(cfg, n),
+            cfg->capacity_priority, ec};
+}
+
+// the layout of the r->n tokens router_scores scored
+static void route_layout(DeviceRouting* r, const ModelConfig* cfg, cudaStream_t stream) {
+    RouteLayoutArgs a = route_layout_args(r, cfg);
+    if (a.cap >= 0 || r->forced_keep) { route_keep(r, a, stream); }  // dropless token choice keeps every candidate
+    route_rows(r, a, stream);
 }
 
 static void router_forward(DeviceRouting* r, const floatX* h, const float* routerw, const ModelConfig* cfg, int n, int C, cudaStream_t stream) {

@@ -7,8 +7,8 @@ kernels/permute.cuh), checked against the CPU twin and timed against the experts
     dev/cuda/bin/BF16/routing 2          # version 2 alone
     dev/cuda/bin/BF16/routing 0 --quick  # the small shapes only, no timing (the CPU emulation)
 
-The engine's kernels, the study's subject being what the routing costs, in two versions: 1, the
-engine's until 2026-12-06, and 2, the engine's (kernels/router.cuh):
+The engine's kernels, the study's subject being what the routing costs, in three versions: 1, the
+engine's until 2026-12-06; 2, the engine's until 2026-12-07; and 3, the engine's (kernels/router.cuh):
   router_forward   the logits h . Wr^T, in
                    version 1 by a warp per token (E dot products of length C, every warp
                      reading all of Wr for its token: E C floats, 196 KB at E = 64, C = 768),
@@ -20,25 +20,29 @@ engine's until 2026-12-06, and 2, the engine's (kernels/router.cuh):
                      expert keeps its candidates (the capacity rule) and numbers its rows by
                      scans over all N tokens; one block makes the offsets, every row and each
                      token's rows; one block sums the routing entropy over all N x E p;
-                   version 2: route_keep_kernel only where
-                     something may be dropped, then a counting sort over tiles of about 256
-                     candidates: counts per tile and expert, a block per expert scanning its
-                     counts, one block for the offsets and losses, a block per tile placing its
-                     candidates (a warp at a time, __match_any_sync for the ranks within a
-                     warp) and its tokens' rows;
+                   version 2: only where something may be dropped, the capacity rule by a
+                     block per expert over all N tokens (route_keep_v2_kernel); then a
+                     counting sort over tiles of about 256 candidates: counts per tile and
+                     expert, a block per expert scanning its counts, one block for the offsets
+                     and losses, a block per tile placing its candidates (a warp at a time,
+                     __match_any_sync for the ranks within a warp) and its tokens' rows;
+                   version 3: version 2 with the capacity rule spread over blocks of (chunk of
+                     at least 512 tokens, expert), about 1024 of them (route_keep: counts per
+                     chunk, a plan per expert, the radix select's histograms per chunk);
   permute_tokens   a warp per row gathers its token's h row;
   unpermute_tokens a warp per token sums its rows times their combine weights, in combine order;
   and in the backward unpermute_tokens_backward, permute_tokens_backward and router_backward:
   router_backward_kernel (a warp per token: dz), then the products dh += dz . Wr and dWr +=
   dz^T h (partial sums over chunks of 128 tokens, then the chunks summed by column_sums), in version 1 by a warp
   per token for dh (all of Wr again) and a block per (chunk, 128 channels, expert) for dWr (the
-  chunk's h read once per expert), in version 2 by router_gemm_kernel.
+  chunk's h read once per expert), in versions 2 and 3 by router_gemm_kernel.
 The design target: routing, permutation and un-permutation together under 5% of a step. The
 timing prints them, per MoE layer and forward plus backward, beside the same layer's expert
 GEMMs (kernels/expert_mlp.cuh), which are about two thirds of an MoE layer's FLOPs.
 
 Checks per version and routing mode (dropless top-2, renormalised or not; a capacity
-with order and with score priority; expert choice; and, for version 2, 300 experts top-4 and
+with order and with score priority; expert choice; version 2 only where something may be
+dropped, as it is version 3 elsewhere; and, for versions 2 and 3, 300 experts top-4 and
 expert choice among 300, for more experts than a tile block has threads and more candidates per
 token than a tile holds; and 8300 tokens top-32 of 64, for more tiles than a scan's pass takes), on inputs whose logits have no near-ties, and on inputs made of a few distinct tokens
 repeated, whose exact ties the capacity cuts through: the row layout (expert_offsets, the token
@@ -65,7 +69,12 @@ h once per expert for dWr (6.4 GB); version 2 about 0.3 GB for each product. The
 candidate (N * k of them, at most 0.5 M: about 10 MB) and reads p once (N * E floats, 17 MB at
 E = 64): about 10 us at full bandwidth. Version 1 is bound by latency instead (its second and
 third kernels are single blocks); the two 65536-token shapes say what each version costs where
-it matters.
+it matters. Version 2's capacity rule is bound by latency too: E blocks (8 at E = 8) each walk all
+N tokens in rounds of 1024, a block scan per round and slot, and four radix passes over the
+tokens again where the cut is by score (at N = 65536, about 64 rounds each, with the histogram's
+shared-memory atomics all on the few bins that one expert's probabilities fall in); version 3
+does the same work over about 1024 blocks, with a warp's atomics on one bin merged into one, and
+is bound by its 3 to 11 launches (the 65536-token capacity and expert choice shapes time both).
 */
 #include "dev_common.cuh"
 #include "../../kernels/router.cuh"
@@ -74,11 +83,112 @@ it matters.
 
 // ----------------------------------------------------------------------------
 // version 1: the engine's layout until 2026-12-06, E + 2 blocks in all. A block per expert decides
-// which of its candidates it keeps (route_keep_expert, as version 2's route_keep_kernel) and then
+// which of its candidates it keeps (route_keep_expert, below, as version 2's route_keep_v2_kernel) and then
 // numbers the kept ones in token order, reading all N tokens' choices; then one block for the
 // whole layer computes the expert offsets, every row and each token's rows; and one more block the
 // routing entropy over all N x E probabilities (before, the statistics kernel's own pass). Version
 // 2 (the engine's, kernels/router.cuh) spreads the same work over tiles of the tokens.
+
+// The capacity rule of versions 1 and 2: a block per expert over all N tokens (version 3, the
+// engine's route_keep, spreads it over chunks of the tokens).
+// Radix select over the block: the need-th largest key (need >= 1) among expert e's candidates in
+// slot j, each thread taking every blockDim.x-th token. Returns the key and sets *ties_kept to how
+// many candidates equal to it are kept (need minus those above it). Four passes of 8 bits from
+// the top: a histogram of the candidates that match the digits found so far, then the bin in which
+// the need-th largest falls. The histogram counts integers, so the result does not depend on the
+// order of the atomics.
+__device__ unsigned route_select_key(const DeviceRouting& r, const RouteLayoutArgs& a, int j, int e, int need, int* ties_kept) {
+    __shared__ int hist[256];
+    __shared__ unsigned found[2];  // the digits found so far, the need left within them
+    unsigned prefix = 0, mask = 0;
+    for (int shift = 24; shift >= 0; shift -= 8) {
+        for (int b = threadIdx.x; b < 256; b += blockDim.x) { hist[b] = 0; }
+        __syncthreads();  // hist is zero; and every thread has read the last pass's `found`
+        for (int t = threadIdx.x; t < a.N; t += blockDim.x) {
+            int i = route_candidate(r, a, t, j, e);
+            unsigned key = i >= 0 ? route_key(r, a, t, e) : 0u;
+            if (i >= 0 && (key & mask) == prefix) { atomicAdd(&hist[(key >> shift) & 255], 1); }
+        }
+        __syncthreads();
+        if (threadIdx.x < WARP_SIZE) {
+            // lane l holds the bins 255 - 8l down to 248 - 8l; the lanes before it hold the larger keys
+            int lane = threadIdx.x, top = 255 - 8 * lane, sum = 0;
+            for (int b = top; b > top - 8; b--) { sum += hist[b]; }
+            int above = sum;
+            for (int offset = 1; offset < WARP_SIZE; offset <<= 1) {
+                int u = __shfl_up_sync(0xffffffff, above, offset);
+                if (lane >= offset) { above += u; }
+            }
+            above -= sum;  // the keys in the bins of the earlier lanes
+            if (above < need && above + sum >= need) {  // one lane: the need-th largest is in its bins
+                int b = top, left = need - above;
+                while (hist[b] < left) { left -= hist[b--]; }
+                found[0] = prefix | ((unsigned)b << shift);
+                found[1] = (unsigned)left;
+            }
+        }
+        __syncthreads();
+        prefix = found[0];
+        need = (int)found[1];
+        mask |= 255u << shift;
+    }
+    *ties_kept = need;
+    return prefix;
+}
+
+// The capacity rule for expert e, by the whole block (route_keep_v2_kernel runs a block per expert,
+// only with a capacity, for expert choice, or under the tests' teacher forcing: dropless token
+// choice keeps everything). Slot by slot (all first choices before any second choice), a slot's
+// candidates are all kept while they fit in what is left of the capacity; in the slot where it
+// runs out, the first ones by priority are kept: by order, the first in token order; by score
+// (and for expert choice), those above the cut key found by route_select_key, and of those equal
+// to it the first in token order. Later slots keep nothing. Writes keep[i] = 0 (kept) or -1
+// (choice_row for token choice, pair_row for expert choice: the blocks write disjoint
+// candidates). Passes in token order go through tiles of blockDim.x consecutive tokens, a token
+// per thread (neighbouring threads read neighbouring tokens' choices), a block scan ordering
+// each tile and a running count of the tiles before it.
+__device__ void route_keep_expert(const DeviceRouting& r, const RouteLayoutArgs& a, int e, int* scan_shared) {
+    int N = a.N, threads = blockDim.x;
+    int slots = a.expert_choice ? 1 : a.k;
+    int* keep = a.expert_choice ? r.pair_row : r.choice_row;
+
+    int left = a.cap < 0 ? INT_MAX : a.cap;  // rows e may still take
+    for (int j = 0; j < slots; j++) {
+        int mine = 0, count;
+        for (int t = threadIdx.x; t < N; t += threads) { mine += route_candidate(r, a, t, j, e) >= 0; }
+        block_exclusive_scan(mine, scan_shared, &count);
+        if (r.forced_keep) {  // the tests' teacher forcing
+            for (int t = threadIdx.x; t < N; t += threads) {
+                int i = route_candidate(r, a, t, j, e);
+                if (i >= 0) { keep[i] = r.forced_keep[i] ? 0 : -1; }
+            }
+            continue;
+        }
+        // all kept while they fit, none once the capacity is spent; in the slot where it runs out,
+        // keys above the cut and the first ties_kept of those equal to it, in token order
+        bool cut_here = count > left && left > 0;  // the same in every thread
+        unsigned cut = 0;  // by order every key is 0: the first `left` in token order
+        int ties_kept = left;
+        if (cut_here && route_by_score(a)) { cut = route_select_key(r, a, j, e, left, &ties_kept); }
+        int ties_before = 0;  // candidates equal to the cut in the earlier tiles
+        for (int base = 0; base < N; base += threads) {
+            int t = base + threadIdx.x;
+            int i = t < N ? route_candidate(r, a, t, j, e) : -1;
+            unsigned key = i >= 0 ? route_key(r, a, t, e) : 0u;
+            bool tied = i >= 0 && key == cut;
+            int tie = 0, tile_ties = 0;  // this candidate's rank among the tied ones, in token order
+            if (cut_here) { tie = ties_before + block_exclusive_scan(tied, scan_shared, &tile_ties); }
+            if (i >= 0) { keep[i] = count <= left || (cut_here && (key > cut || (tied && tie < ties_kept))) ? 0 : -1; }
+            ties_before += tile_ties;
+        }
+        left = max(0, left - count);
+    }
+}
+
+__global__ void __launch_bounds__(ROUTE_THREADS) route_keep_v2_kernel(DeviceRouting r, RouteLayoutArgs a) {
+    __shared__ int scan_shared[WARP_SIZE + 1];
+    route_keep_expert(r, a, blockIdx.x, scan_shared);
+}
 
 __global__ void __launch_bounds__(ROUTE_THREADS) route_select_v1_kernel(DeviceRouting r, RouteLayoutArgs a) {
     __shared__ int scan_shared[WARP_SIZE + 1];
@@ -198,10 +308,22 @@ static void route_layout_v1(DeviceRouting* r, const ModelConfig* cfg, cudaStream
     cudaCheckLaunch();
 }
 
-// the layout of the scored tokens by version 1 or 2 (the engine's)
+// version 2: the capacity rule by a block per expert, then the engine's row layout
+static void route_layout_v2(DeviceRouting* r, const ModelConfig* cfg, cudaStream_t stream) {
+    RouteLayoutArgs a = route_layout_args(r, cfg);
+    if (a.cap >= 0 || r->forced_keep) {
+        route_keep_v2_kernel<<<a.E, ROUTE_THREADS, 0, stream>>>(*r, a);
+        cudaCheckLaunch();
+    }
+    route_rows(r, a, stream);
+}
+
+// the layout of the scored tokens by version 1, 2 or 3 (the engine's)
 static void run_layout(int version, DeviceRouting* r, const ModelConfig* cfg, cudaStream_t stream) {
     if (version == 1) {
         route_layout_v1(r, cfg, stream);
+    } else if (version == 2) {
+        route_layout_v2(r, cfg, stream);
     } else {
         route_layout(r, cfg, stream);
     }
@@ -247,7 +369,7 @@ __global__ void router_weight_grad_partial_v1_kernel(float* partial, const float
     partial[((size_t)chunk * E + e) * C + c] = acc;
 }
 
-// router_scores by version 1 or 2 (the engine's): the logits by either, the rest the engine's
+// router_scores by version 1, or 2 and 3 (the engine's): the logits by either, the rest the engine's
 static void run_scores(int version, DeviceRouting* r, const floatX* h, const float* routerw, const ModelConfig* cfg, int n, int C,
                        cudaStream_t stream) {
     if (version == 1) {
@@ -260,7 +382,7 @@ static void run_scores(int version, DeviceRouting* r, const floatX* h, const flo
     }
 }
 
-// router_backward by version 1 or 2 (the engine's): dz by the engine's kernel, the products by either
+// router_backward by version 1, or 2 and 3 (the engine's): dz by the engine's kernel, the products by either
 static void run_backward(int version, floatX* dh, float* drouterw, DeviceRouting* r, const floatX* h, const float* routerw,
                          const ModelConfig* cfg, float alpha, float beta, int n, int C, cudaStream_t stream) {
     int E = cfg->num_experts, chunks = ceil_div_int(n, ROUTER_TOKEN_CHUNK);
@@ -417,19 +539,19 @@ static void validate_mode(int version, const Mode& m, int N, int C, int distinct
         floatX* d_dh = to_device<floatX>(dh_ref);
         float* d_drouterw = to_device<float>(drouterw_ref);
         cudaCheck(cudaMemcpy(dr.drow_weight, drow_weight.data(), rows * sizeof(float), cudaMemcpyHostToDevice));
-        if (version == 2) {
-            // the tiles sum each output over k in the same order as version 1's warps, one fused
-            // multiply-add at a time: the same bits
+        if (version == 3) {
+            // the tiles (versions 2 and 3) sum each output over k in the same order as version 1's
+            // warps, one fused multiply-add at a time: the same bits
             floatX* d_dh1 = to_device<floatX>(dh_ref);
             float* d_drouterw1 = to_device<float>(drouterw_ref);
             run_backward(1, d_dh1, d_drouterw1, &dr, d_h, d_routerw, &cfg, alpha, beta, N, C, 0);
-            run_backward(2, d_dh, d_drouterw, &dr, d_h, d_routerw, &cfg, alpha, beta, N, C, 0);
+            run_backward(3, d_dh, d_drouterw, &dr, d_h, d_routerw, &cfg, alpha, beta, N, C, 0);
             auto same_bits = [](const std::vector<float>& x, const std::vector<float>& y) {
                 return x.size() == y.size() && memcmp(x.data(), y.data(), x.size() * sizeof(float)) == 0;
             };
             bool same = same_bits(to_host(d_dh, (size_t)N * C), to_host(d_dh1, (size_t)N * C)) &&
                         same_bits(to_host(d_drouterw, (size_t)E * C), to_host(d_drouterw1, (size_t)E * C));
-            snprintf(name, sizeof(name), "router_backward dh and drouterw, versions 1 and 2 [%s]", shape);
+            snprintf(name, sizeof(name), "router_backward dh and drouterw, versions 1 and 3 [%s]", shape);
             check_true(name, same, same ? "bit-identical" : "differ");
             for (void* p : std::initializer_list<void*>{d_dh1, d_drouterw1}) { cudaCheck(cudaFree(p)); }
         } else {
@@ -467,8 +589,11 @@ static void benchmark() {
         {{"top-2 capacity 1.25, order", 8, 2, 1, ROUTER_TOPK, 1.25f, PRIORITY_ORDER}, 8192, 1},
         {{"top-2 capacity 1.25, score", 8, 2, 1, ROUTER_TOPK, 1.25f, PRIORITY_SCORE}, 8192, 1},
         {{"expert choice, capacity 2", 8, 2, 1, ROUTER_EXPERT, 2.0f, PRIORITY_ORDER}, 8192, 1},
-        // B=64 x T=1024, the benchmark's batch: the layout's single block sees 8x the tokens (BF16 only)
+        // B=64 x T=1024, the benchmark's batch: version 1's single blocks, and version 2's block per
+        // expert where something may be dropped, see 8x the tokens (BF16 only)
         {{"top-2 dropless", 8, 2, 1, ROUTER_TOPK, 0.0f, PRIORITY_ORDER}, 65536, 1},
+        {{"top-2 capacity 1.25, score", 8, 2, 1, ROUTER_TOPK, 1.25f, PRIORITY_SCORE}, 65536, 1},
+        {{"expert choice, capacity 2", 8, 2, 1, ROUTER_EXPERT, 2.0f, PRIORITY_ORDER}, 65536, 1},
         {{"top-8 of 64, G=8, dropless", 64, 8, 1, ROUTER_TOPK, 0.0f, PRIORITY_ORDER}, 65536, 8},
     };
     printf("timing: C=%d (%s); median of 20 runs; router_forward = scores + layout\n", C, PRECISION_NAME);
@@ -499,14 +624,15 @@ static void benchmark() {
         cudaCheck(cudaMemset(d_rows, 0, (size_t)rows_max * C * sizeof(floatX)));
         permute_tokens(d_rows, d_h, &dr, C, 0);
         float scores_v1_ms = benchmark_ms(20, [&]() { run_scores(1, &dr, d_h, d_routerw, &cfg, N, C, 0); });
-        float scores_ms = benchmark_ms(20, [&]() { router_scores(&dr, d_h, d_routerw, &cfg, N, C, 0); });  // version 2, the engine's
+        float scores_ms = benchmark_ms(20, [&]() { router_scores(&dr, d_h, d_routerw, &cfg, N, C, 0); });  // versions 2 and 3, the engine's
         float layout_v1_ms = benchmark_ms(20, [&]() { route_layout_v1(&dr, &cfg, 0); });
-        float layout_ms = benchmark_ms(20, [&]() { route_layout(&dr, &cfg, 0); });  // version 2, the engine's
+        float layout_v2_ms = benchmark_ms(20, [&]() { route_layout_v2(&dr, &cfg, 0); });
+        float layout_ms = benchmark_ms(20, [&]() { route_layout(&dr, &cfg, 0); });  // version 3, the engine's
         float permute_ms = benchmark_ms(20, [&]() { permute_tokens(d_rows2, d_h, &dr, C, 0); });
         float unpermute_ms = benchmark_ms(20, [&]() { unpermute_tokens(d_y, d_rows, &dr, N, C, 0); });
-        // the backward of all three, with the router's in either version
+        // the backward of all three, with the router's in version 1 or the engine's
         float backward_ms = 0.0f, backward_v1_ms = 0.0f;
-        for (int version = 1; version <= 2; version++) {
+        for (int version = 1; version <= 3; version += 2) {
             float ms = benchmark_ms(20, [&]() {
                 unpermute_tokens_backward(d_rows2, &dr, d_y, d_rows, C, 0);
                 permute_tokens_backward(d_dh, d_rows2, &dr, N, C, 0);
@@ -533,10 +659,10 @@ static void benchmark() {
                                 rows_max, w1, w2, m.E, C, H, 0);
         });
         float routing_ms = scores_ms + layout_ms + permute_ms + unpermute_ms + backward_ms;
-        printf("%-26s N=%5d H=%4d %6d rows: router_forward %.3f ms (scores %.3f, version 1 %.3f; layout %.3f, version 1 %.3f), "
-               "permute %.3f ms, unpermute %.3f ms, backward (all three) %.3f ms (version 1 of the router's %.3f); together %.3f ms = "
-               "%.1f%% of the expert MLP's %.3f ms\n",
-               m.name, N, H, rows, scores_ms + layout_ms, scores_ms, scores_v1_ms, layout_ms, layout_v1_ms, permute_ms, unpermute_ms,
+        printf("%-26s N=%5d H=%4d %6d rows: router_forward %.3f ms (scores %.3f, version 1 %.3f; layout %.3f, version 1 %.3f, "
+               "version 2 %.3f), permute %.3f ms, unpermute %.3f ms, backward (all three) %.3f ms (version 1 of the router's %.3f); "
+               "together %.3f ms = %.1f%% of the expert MLP's %.3f ms\n",
+               m.name, N, H, rows, scores_ms + layout_ms, scores_ms, scores_v1_ms, layout_ms, layout_v1_ms, layout_v2_ms, permute_ms, unpermute_ms,
                backward_ms, backward_v1_ms, routing_ms, 100.0 * routing_ms / mlp_ms, mlp_ms);
         buffers_free(&routing_buffers);
         for (void* p : std::initializer_list<void*>{d_h, d_routerw, d_rows, d_rows2, d_y, d_dh, d_drouterw, w1, w2, b1, b2, fch, fch_gelu, dfch,
@@ -548,7 +674,7 @@ static void benchmark() {
 
 int main(int argc, char** argv) {
     bool quick;
-    int only = study_start(argc, argv, "routing", 2, &quick);
+    int only = study_start(argc, argv, "routing", 3, &quick);
     const Mode modes[] = {
         {"top-2 renormalised, dropless", 8, 2, 1, ROUTER_TOPK, 0.0f, PRIORITY_ORDER},
         {"top-1 not renormalised", 4, 1, 0, ROUTER_TOPK, 0.0f, PRIORITY_ORDER},
@@ -560,21 +686,28 @@ int main(int argc, char** argv) {
         {"top-4 of 300, dropless", 300, 4, 1, ROUTER_TOPK, 0.0f, PRIORITY_ORDER},
         {"expert choice of 300, capacity 2", 300, 2, 1, ROUTER_EXPERT, 2.0f, PRIORITY_ORDER},
     };
-    for (int version = 1; version <= 2; version++) {
+    for (int version = 1; version <= 3; version++) {
         if (only != 0 && version != only) { continue; }
         for (const Mode& m : modes) {
             if (version == 1 && m.E > 8) { continue; }  // the large E test version 2's tiles
+            bool may_drop = m.router == ROUTER_EXPERT || m.capacity_factor > 0;
+            if (version == 2 && !may_drop) { continue; }  // where nothing is dropped version 2 is version 3
             validate_mode(version, m, 200, 48);
             validate_mode(version, m, 200, 48, 7);  // 7 distinct tokens
             if (m.E <= 8) { validate_mode(version, m, 2500, 18, 300); }  // several tiles of each layout (the large E: already at 200); E C not a multiple of 32
             if (!quick) { validate_mode(version, m, 4096, 768); }
         }
     }
-    if (only == 0 || only == 2) {
-        // more tiles than version 2's scans take in one pass (256 a pass in route_scan_kernel,
+    if (only == 0 || only == 3) {
+        // more tiles than the row layout's scans take in one pass (256 a pass in route_scan_kernel,
         // 1024 in route_offsets_kernel): 8300 tokens of 32 candidates, 8 tokens a tile, 1038 tiles
         const Mode many_tiles = {"top-32 of 64, dropless", 64, 32, 1, ROUTER_TOPK, 0.0f, PRIORITY_ORDER};
-        validate_mode(2, many_tiles, 8300, 16, 300);
+        validate_mode(3, many_tiles, 8300, 16, 300);
+        // more chunks than the capacity rule's scans over the chunks take in one round (32): 17000
+        // tokens, E = 2, 34 chunks of 500 tokens; 300 distinct tokens, so that the cut key's ties
+        // run through every chunk
+        const Mode many_chunks = {"top-1 of 2, capacity 0.9, score priority", 2, 1, 0, ROUTER_TOPK, 0.9f, PRIORITY_SCORE};
+        validate_mode(3, many_chunks, 17000, 8, 300);
     }
     if (!quick) {
         benchmark();
