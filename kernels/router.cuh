@@ -369,7 +369,7 @@ __device__ __forceinline__ int route_expert(const DeviceRouting& r, const RouteL
     return a.expert_choice ? i % a.E : r.choice_expert[i];
 }
 
-// The capacity rule (doc/routing.md section 3), run only where something may be dropped (a
+// The capacity rule (doc/routing.md section 2), run only where something may be dropped (a
 // capacity, expert choice, or the tests' teacher forcing: dropless token choice keeps every
 // candidate). For each expert e, slot by slot (all first choices before any second choice), a
 // slot's candidates are all kept while they fit in what is left of the capacity; in the slot
