@@ -710,33 +710,39 @@ EMU_NOT_CHECKED static float bf16_half(uint32_t reg, int high) {
 }
 
 // mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 with D = C: every lane gives its A and B
-// registers; each rebuilds A (16 x 16) and B (16 x 8) and computes its four D elements (layouts in
-// kernels/mma.cuh), adding the 16 exact products to C in k order
+// registers; each takes from them the rows of A (16 x 16) and columns of B (16 x 8) its four D
+// elements need (layouts in kernels/mma.cuh) and adds the 16 exact products to C in k order.
+// Lane 4g + c holds D's rows g and g + 8 at columns 2c and 2c + 1; of A, row g's columns 2c, 2c + 1
+// (a0) and 2c + 8, 2c + 9 (a2), and the same of row g + 8 (a1, a3); of B, column g's rows 2c,
+// 2c + 1 (b0) and 2c + 8, 2c + 9 (b1). So its rows of A come from lanes 4g .. 4g + 3, and its
+// columns of B from lanes 4n .. 4n + 3 for n = 2c, 2c + 1.
 EMU_NOT_CHECKED static void mma_m16n8k16_bf16(const Operand* ops) {
     if (!whole_warp()) { fail("mma.sync by a warp with exited threads"); }
     uint64_t mine[EXCHANGE_WORDS] = {ops[4].value | (ops[5].value << 32), ops[6].value | (ops[7].value << 32), ops[8].value | (ops[9].value << 32)};
     const uint64_t* slots = warp_exchange(mine, EXCHANGE_WORDS);
-    float A[16][16], Bm[16][8];
-    for (int lane = 0; lane < 32; lane++) {
-        const uint64_t* w = &slots[lane * EXCHANGE_WORDS];
+    int l = me().lane, g = l / 4, c = l % 4;
+    float A[2][16], Bm[2][16];  // A[h][k]: row g + 8h of A; Bm[x][k]: column 2c + x of B
+    for (int from = 0; from < 4; from++) {  // the column pair `from` of the lanes in a group
+        const uint64_t* w = &slots[(4 * g + from) * EXCHANGE_WORDS];
         uint32_t a[4] = {(uint32_t)w[0], (uint32_t)(w[0] >> 32), (uint32_t)w[1], (uint32_t)(w[1] >> 32)};
-        uint32_t b[2] = {(uint32_t)w[2], (uint32_t)(w[2] >> 32)};
-        int g = lane / 4, c = lane % 4;
         for (int h = 0; h < 2; h++) {
-            A[g][2 * c + h] = bf16_half(a[0], h);
-            A[g + 8][2 * c + h] = bf16_half(a[1], h);
-            A[g][2 * c + 8 + h] = bf16_half(a[2], h);
-            A[g + 8][2 * c + 8 + h] = bf16_half(a[3], h);
-            Bm[2 * c + h][g] = bf16_half(b[0], h);
-            Bm[2 * c + 8 + h][g] = bf16_half(b[1], h);
+            A[0][2 * from + h] = bf16_half(a[0], h);
+            A[1][2 * from + h] = bf16_half(a[1], h);
+            A[0][2 * from + 8 + h] = bf16_half(a[2], h);
+            A[1][2 * from + 8 + h] = bf16_half(a[3], h);
+        }
+        for (int x = 0; x < 2; x++) {
+            uint64_t b = slots[(4 * (2 * c + x) + from) * EXCHANGE_WORDS + 2];
+            for (int h = 0; h < 2; h++) {
+                Bm[x][2 * from + h] = bf16_half((uint32_t)b, h);
+                Bm[x][2 * from + 8 + h] = bf16_half((uint32_t)(b >> 32), h);
+            }
         }
     }
-    int l = me().lane, g = l / 4, c = l % 4;
-    for (int i = 0; i < 4; i++) {
-        int row = g + (i / 2) * 8, col = 2 * c + i % 2;
+    for (int i = 0; i < 4; i++) {  // D's row g + 8 (i / 2), column 2c + i % 2
         float* d = (float*)ops[i].address;
         float acc = *d;
-        for (int k = 0; k < 16; k++) { acc += A[row][k] * Bm[k][col]; }
+        for (int k = 0; k < 16; k++) { acc += A[i / 2][k] * Bm[i % 2][k]; }
         *d = acc;
     }
 }
@@ -900,35 +906,53 @@ EMU_NOT_CHECKED static bool starts_with(const char* s, const char* prefix) {
     return *prefix == 0;
 }
 
+// The inline PTX the emulation knows, by the text of the asm statement and its operand count
+enum PtxKind { PTX_UNKNOWN, PTX_MMA, PTX_LDMATRIX, PTX_LDMATRIX_TRANS, PTX_CP_ASYNC, PTX_CP_ASYNC_COMMIT, PTX_CP_ASYNC_WAIT, PTX_EMPTY,
+               PTX_WGMMA, PTX_WGMMA_FENCE, PTX_WGMMA_COMMIT, PTX_WGMMA_WAIT, PTX_FENCE_PROXY_ASYNC };
+EMU_NOT_CHECKED static PtxKind ptx_kind(const char* text, size_t count) {
+    if (starts_with(text, "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 ") && count == 10) { return PTX_MMA; }
+    if (starts_with(text, "ldmatrix.sync.aligned.m8n8.x4.shared.b16 ") && count == 5) { return PTX_LDMATRIX; }
+    if (starts_with(text, "ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 ") && count == 5) { return PTX_LDMATRIX_TRANS; }
+    if ((starts_with(text, "cp.async.cg.shared.global ") || starts_with(text, "cp.async.ca.shared.global ")) && count == 3) { return PTX_CP_ASYNC; }
+    if (starts_with(text, "cp.async.commit_group;") && count == 0) { return PTX_CP_ASYNC_COMMIT; }
+    if (starts_with(text, "cp.async.wait_group ") && count == 1) { return PTX_CP_ASYNC_WAIT; }
+    if (text[0] == 0) { return PTX_EMPTY; }
+    if (strstr(text, "wgmma.mma_async.sync.aligned.")) { return PTX_WGMMA; }
+    if (starts_with(text, "wgmma.fence.sync.aligned;") && count == 0) { return PTX_WGMMA_FENCE; }
+    if (starts_with(text, "wgmma.commit_group.sync.aligned;") && count == 0) { return PTX_WGMMA_COMMIT; }
+    if (starts_with(text, "wgmma.wait_group.sync.aligned ") && count == 1) { return PTX_WGMMA_WAIT; }
+    if (starts_with(text, "fence.proxy.async.shared::cta;") && count == 0) { return PTX_FENCE_PROXY_ASYNC; }
+    return PTX_UNKNOWN;
+}
+
 EMU_NOT_CHECKED static void ptx(const char* text, std::initializer_list<Operand> operands) {
     const Operand* ops = operands.begin();
-    if (starts_with(text, "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 ") && operands.size() == 10) {
-        mma_m16n8k16_bf16(ops);
-    } else if (starts_with(text, "ldmatrix.sync.aligned.m8n8.x4.shared.b16 ") && operands.size() == 5) {
-        ldmatrix_x4(ops, false);
-    } else if (starts_with(text, "ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 ") && operands.size() == 5) {
-        ldmatrix_x4(ops, true);
-    } else if ((starts_with(text, "cp.async.cg.shared.global ") || starts_with(text, "cp.async.ca.shared.global ")) && operands.size() == 3) {
-        cp_async(text, ops);
-    } else if (starts_with(text, "cp.async.commit_group;") && operands.size() == 0) {
-        cp_async_commit();
-    } else if (starts_with(text, "cp.async.wait_group ") && operands.size() == 1) {
-        cp_async_wait((int)ops[0].value);
-    } else if (text[0] == 0) {
-        // asm volatile("" : "+f"(x)): keeps the compiler from moving x across it, nothing to do
-    } else if (strstr(text, "wgmma.mma_async.sync.aligned.")) {
-        wgmma_issue(text, ops, operands.size());
-    } else if (starts_with(text, "wgmma.fence.sync.aligned;") && operands.size() == 0) {
-        check_warpgroups();
-    } else if (starts_with(text, "wgmma.commit_group.sync.aligned;") && operands.size() == 0) {
-        wgmma_commit();
-    } else if (starts_with(text, "wgmma.wait_group.sync.aligned ") && operands.size() == 1) {
-        wgmma_wait((int)ops[0].value);
-    } else if (starts_with(text, "fence.proxy.async.shared::cta;") && operands.size() == 0) {
-        // the emulation has one proxy: cp.async's writes are seen by wgmma once done
-    } else {
-        fprintf(stderr, "CUDA emulation: inline PTX not emulated: %s\n", text);
-        exit(3);
+    // each asm statement's text is a string literal of the translated source, the same pointer at
+    // every run of it: its kind is looked up once and kept, by the pointer (the comparisons of the
+    // text took a fifth of an emulated BF16 test_moe run)
+    static const char* known_text[256];
+    static uint8_t known_kind[256];
+    size_t slot = ((uintptr_t)text >> 3) % 256;
+    if (known_text[slot] != text) {
+        known_text[slot] = text;
+        known_kind[slot] = (uint8_t)ptx_kind(text, operands.size());
+    }
+    switch ((PtxKind)known_kind[slot]) {
+        case PTX_MMA: mma_m16n8k16_bf16(ops); break;
+        case PTX_LDMATRIX: ldmatrix_x4(ops, false); break;
+        case PTX_LDMATRIX_TRANS: ldmatrix_x4(ops, true); break;
+        case PTX_CP_ASYNC: cp_async(text, ops); break;
+        case PTX_CP_ASYNC_COMMIT: cp_async_commit(); break;
+        case PTX_CP_ASYNC_WAIT: cp_async_wait((int)ops[0].value); break;
+        case PTX_EMPTY: break;  // asm volatile("" : "+f"(x)): keeps the compiler from moving x across it, nothing to do
+        case PTX_WGMMA: wgmma_issue(text, ops, operands.size()); break;
+        case PTX_WGMMA_FENCE: check_warpgroups(); break;
+        case PTX_WGMMA_COMMIT: wgmma_commit(); break;
+        case PTX_WGMMA_WAIT: wgmma_wait((int)ops[0].value); break;
+        case PTX_FENCE_PROXY_ASYNC: break;  // the emulation has one proxy: cp.async's writes are seen by wgmma once done
+        default:
+            fprintf(stderr, "CUDA emulation: inline PTX not emulated: %s\n", text);
+            exit(3);
     }
 }
 
