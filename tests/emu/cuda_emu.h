@@ -305,16 +305,15 @@ static Block B;
 
 EMU_NOT_CHECKED static char* thread_stack(int i) { return B.stacks + (size_t)i * STACK_BYTES; }
 
-// EMU_ORDER=reverse: threads and blocks run from the last one down (races, see the top of the file)
-EMU_NOT_CHECKED static bool reverse_order() {
-    static const int reverse = [] {
-        const char* order = getenv("EMU_ORDER");
-        if (order == NULL || strcmp(order, "forward") == 0) { return 0; }
-        if (strcmp(order, "reverse") == 0) { return 1; }
-        fail("EMU_ORDER must be forward or reverse");
-    }();
-    return reverse;
-}
+// EMU_ORDER=reverse: threads and blocks run from the last one down (races, see the top of the
+// file). Read once as the program starts: every thread switch asks for it.
+static const bool emu_reverse_order = [] {
+    const char* order = getenv("EMU_ORDER");
+    if (order == NULL || strcmp(order, "forward") == 0) { return false; }
+    if (strcmp(order, "reverse") == 0) { return true; }
+    fail("EMU_ORDER must be forward or reverse");
+}();
+EMU_NOT_CHECKED static inline bool reverse_order() { return emu_reverse_order; }
 
 EMU_NOT_CHECKED static Thread& me() { return B.threads[B.current]; }
 
@@ -346,9 +345,8 @@ EMU_NOT_CHECKED static bool runnable(const Thread& t);
 // cannot run while none can is a barrier that some threads never reach.
 EMU_NOT_CHECKED static void switch_from(int first) {
     int n = (int)B.threads.size(), from = B.current;
-    int direction = reverse_order() ? n - 1 : 1;  // + (n - 1) is - 1 modulo n
-    for (int step = 0; step < n; step++) {
-        int i = (int)((first + (long)step * direction) % n);
+    bool down = reverse_order();
+    for (int step = 0, i = first; step < n; step++, i = down ? (i == 0 ? n - 1 : i - 1) : (i == n - 1 ? 0 : i + 1)) {
         Thread& t = B.threads[i];
         if (!runnable(t)) { continue; }
         t.wait = RUNNING;
