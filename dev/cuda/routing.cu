@@ -86,11 +86,12 @@ is bound by its 3 to 11 launches (the 65536-token capacity and expert choice sha
 // which of its candidates it keeps (route_keep_expert, below, as version 2's route_keep_v2_kernel) and then
 // numbers the kept ones in token order, reading all N tokens' choices; then one block for the
 // whole layer computes the expert offsets, every row and each token's rows; and one more block the
-// routing entropy over all N x E probabilities (before, the statistics kernel's own pass). Version
-// 2 (the engine's, kernels/router.cuh) spreads the same work over tiles of the tokens.
+// routing entropy over all N x E probabilities (before, the statistics kernel's own pass).
+// Versions 2 and 3 (3 the engine's, kernels/router.cuh) spread the same work over tiles of the tokens.
 
 // The capacity rule of versions 1 and 2: a block per expert over all N tokens (version 3, the
 // engine's route_keep, spreads it over chunks of the tokens).
+
 // Radix select over the block: the need-th largest key (need >= 1) among expert e's candidates in
 // slot j, each thread taking every blockDim.x-th token. Returns the key and sets *ties_kept to how
 // many candidates equal to it are kept (need minus those above it). Four passes of 8 bits from
