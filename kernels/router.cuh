@@ -505,6 +505,23 @@ __global__ void __launch_bounds__(ROUTE_KEEP_THREADS) route_keep_histogram_kerne
     r.keep_hist[((size_t)e * chunks + s) * 256 + threadIdx.x] = hist[threadIdx.x];
 }
 
+// By one warp, over the 256 counts of a radix pass's histogram (bin b: the keys whose digit is b):
+// the bin in which the need-th largest key falls (need >= 1), into found[0], and how many of that
+// bin's keys are still needed, into found[1]; the lane that finds it writes them (none where the
+// histogram holds fewer than need keys). Lane l holds the bins 255 - 8l down to 248 - 8l, so the
+// lanes before it hold the larger keys.
+__device__ void route_find_bin(const int* hist, int need, int* found) {
+    int lane = threadIdx.x % WARP_SIZE, top = 255 - 8 * lane, mine = 0;
+    for (int b = top; b > top - 8; b--) { mine += hist[b]; }
+    int above = warp_inclusive_scan(mine) - mine;  // the keys in the bins of the earlier lanes
+    if (above < need && above + mine >= need) {
+        int b = top, left = need - above;
+        while (hist[b] < left) { left -= hist[b--]; }
+        found[0] = b;
+        found[1] = left;
+    }
+}
+
 __global__ void __launch_bounds__(ROUTE_KEEP_THREADS) route_keep_select_kernel(DeviceRouting r, int chunks, int shift) {
     __shared__ int total[256];
     __shared__ int found[2];  // the bin, the need left within it
@@ -520,18 +537,7 @@ __global__ void __launch_bounds__(ROUTE_KEEP_THREADS) route_keep_select_kernel(D
         found[1] = need;
     }
     __syncthreads();
-    if (threadIdx.x < WARP_SIZE) {
-        // lane l holds the bins 255 - 8l down to 248 - 8l; the lanes before it hold the larger keys
-        int lane = threadIdx.x, top = 255 - 8 * lane, mine = 0;
-        for (int b = top; b > top - 8; b--) { mine += total[b]; }
-        int above = warp_inclusive_scan(mine) - mine;  // the keys in the bins of the earlier lanes
-        if (above < need && above + mine >= need) {  // one lane: the need-th largest is in its bins
-            int b = top, left = need - above;
-            while (total[b] < left) { left -= total[b--]; }
-            found[0] = b;
-            found[1] = left;
-        }
-    }
+    if (threadIdx.x < WARP_SIZE) { route_find_bin(total, need, found); }
     __syncthreads();
     int bin = found[0];
     if (threadIdx.x == 0) {

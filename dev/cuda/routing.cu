@@ -100,7 +100,7 @@ is bound by its 3 to 11 launches (the 65536-token capacity and expert choice sha
 // order of the atomics.
 __device__ unsigned route_select_key(const DeviceRouting& r, const RouteLayoutArgs& a, int j, int e, int need, int* ties_kept) {
     __shared__ int hist[256];
-    __shared__ unsigned found[2];  // the digits found so far, the need left within them
+    __shared__ int found[2];  // the bin of this pass, the need left within it
     unsigned prefix = 0, mask = 0;
     for (int shift = 24; shift >= 0; shift -= 8) {
         for (int b = threadIdx.x; b < 256; b += blockDim.x) { hist[b] = 0; }
@@ -111,26 +111,10 @@ __device__ unsigned route_select_key(const DeviceRouting& r, const RouteLayoutAr
             if (i >= 0 && (key & mask) == prefix) { atomicAdd(&hist[(key >> shift) & 255], 1); }
         }
         __syncthreads();
-        if (threadIdx.x < WARP_SIZE) {
-            // lane l holds the bins 255 - 8l down to 248 - 8l; the lanes before it hold the larger keys
-            int lane = threadIdx.x, top = 255 - 8 * lane, sum = 0;
-            for (int b = top; b > top - 8; b--) { sum += hist[b]; }
-            int above = sum;
-            for (int offset = 1; offset < WARP_SIZE; offset <<= 1) {
-                int u = __shfl_up_sync(0xffffffff, above, offset);
-                if (lane >= offset) { above += u; }
-            }
-            above -= sum;  // the keys in the bins of the earlier lanes
-            if (above < need && above + sum >= need) {  // one lane: the need-th largest is in its bins
-                int b = top, left = need - above;
-                while (hist[b] < left) { left -= hist[b--]; }
-                found[0] = prefix | ((unsigned)b << shift);
-                found[1] = (unsigned)left;
-            }
-        }
+        if (threadIdx.x < WARP_SIZE) { route_find_bin(hist, need, found); }  // the engine's (kernels/router.cuh)
         __syncthreads();
-        prefix = found[0];
-        need = (int)found[1];
+        prefix |= (unsigned)found[0] << shift;
+        need = found[1];
         mask |= 255u << shift;
     }
     *ties_kept = need;
@@ -297,15 +281,12 @@ __global__ void __launch_bounds__(ROUTE_THREADS) route_entropy_v1_kernel(DeviceR
 }
 
 static void route_layout_v1(DeviceRouting* r, const ModelConfig* cfg, cudaStream_t stream) {
-    int n = r->n, E = cfg->num_experts;
-    bool ec = cfg->router == ROUTER_EXPERT;
-    int k = ec ? 0 : cfg->top_k;
-    RouteLayoutArgs a = {n, E, k, ec ? expert_choice_capacity(cfg, n) : token_choice_capacity(cfg, n), cfg->capacity_priority, ec};
-    route_select_v1_kernel<<<E, ROUTE_THREADS, 0, stream>>>(*r, a);
+    RouteLayoutArgs a = route_layout_args(r, cfg);
+    route_select_v1_kernel<<<a.E, ROUTE_THREADS, 0, stream>>>(*r, a);
     cudaCheckLaunch();
     route_rows_v1_kernel<<<1, ROUTE_THREADS, 0, stream>>>(*r, a);
     cudaCheckLaunch();
-    route_entropy_v1_kernel<<<1, ROUTE_THREADS, 0, stream>>>(*r, n, E);
+    route_entropy_v1_kernel<<<1, ROUTE_THREADS, 0, stream>>>(*r, a.N, a.E);
     cudaCheckLaunch();
 }
 
