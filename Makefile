@@ -25,8 +25,12 @@ ifeq ($(GPU_ARCH),)
   GPU_ARCH = 90
 endif
 GPU_ARCHS ?= $(GPU_ARCH)
+# sm_90 is built as sm_90a: the same GPUs (H100, H200), and Hopper's own instructions too, which
+# version 3 of the expert GEMMs takes (--expert-gemm 3, kernels/wgmma.cuh)
+comma := ,
+gencode = $(if $(filter 90,$(1)),-gencode arch=compute_90a$(comma)code=sm_90a -DENABLE_WGMMA,-gencode arch=compute_$(1)$(comma)code=sm_$(1))
 NVCCFLAGS = -O3 -std=c++17 -lineinfo -Xcompiler -Wall,-Wno-unused-function,-fopenmp \
-            $(foreach a,$(GPU_ARCHS),-gencode arch=compute_$(a),code=sm_$(a))
+            $(foreach a,$(GPU_ARCHS),$(call gencode,$(a)))
 ifeq ($(PRECISION),FP32)
   NVCCFLAGS += -DENABLE_FP32
 else ifneq ($(PRECISION),BF16)

@@ -143,7 +143,7 @@ static void test_against_reference(const char* name, const char* state_path, int
     size_t sizes[NUM_PARAMETER_TENSORS];
     fill_parameter_sizes(sizes, &cfg);
     Model model;
-    model_init(&model, &cfg, params, B, T, (float)args.aux_loss, (float)args.z_loss, args.recompute != 0);
+    model_init(&model, &cfg, params, B, T, (float)args.aux_loss, (float)args.z_loss, args.recompute != 0, args.expert_gemm);
     DataLoader loader;
     dataloader_init(&loader, args.train_data.c_str(), B, T, cfg.vocab_size);
 
@@ -280,7 +280,7 @@ static void test_forced_routing(const char* name, const char* state_path, int ar
     std::string prefix = std::string(name) + "." + PRECISION_NAME + ".forced_routing.";
     auto label = [&](const char* what) { static std::string s; s = prefix + what; return s.c_str(); };
     Model model;
-    model_init(&model, &cfg, params, B, T, (float)args.aux_loss, (float)args.z_loss, args.recompute != 0);
+    model_init(&model, &cfg, params, B, T, (float)args.aux_loss, (float)args.z_loss, args.recompute != 0, args.expert_gemm);
     std::vector<int*> forced;
     for (int l = 0; l < cfg.num_layers; l++) {
         int ms = cfg.moe_slot[l];
@@ -330,7 +330,7 @@ static std::vector<float> forward_logits(const std::string& options, const int* 
     TrainArgs args;
     float* params = build_from_options(options, &cfg, &args);
     Model m;
-    model_init(&m, &cfg, params, B, T, 0.0f, 0.0f, args.recompute != 0);
+    model_init(&m, &cfg, params, B, T, 0.0f, 0.0f, args.recompute != 0, args.expert_gemm);
     batch_upload(&m.batch, inputs, NULL, B * T, m.stream);
     model_forward(&m, B, T, false, 0.0f);
     std::vector<float> logits = download_logits(&m, B * T);
@@ -363,7 +363,7 @@ static std::vector<float> train_run(const std::string& options, const char* shar
     float* params = build_from_options(options, &cfg, &args);
     const int B = 4, T = 16;
     Model m;
-    model_init(&m, &cfg, params, B, T, (float)args.aux_loss, (float)args.z_loss, args.recompute != 0);
+    model_init(&m, &cfg, params, B, T, (float)args.aux_loss, (float)args.z_loss, args.recompute != 0, args.expert_gemm);
     DataLoader dl;
     dataloader_init(&dl, shard, B, T, cfg.vocab_size);
     LrSchedule schedule = {args.lr_schedule, args.lr, args.warmup, steps, args.final_lr_frac, args.decay_frac};
@@ -374,7 +374,7 @@ static std::vector<float> train_run(const std::string& options, const char* shar
         if (s == restart_at) {
             model_download(&m, params, mm.data(), vv.data());
             model_free(&m);
-            model_init(&m, &cfg, params, B, T, (float)args.aux_loss, (float)args.z_loss, args.recompute != 0);
+            model_init(&m, &cfg, params, B, T, (float)args.aux_loss, (float)args.z_loss, args.recompute != 0, args.expert_gemm);
             model_upload_moments(&m, mm.data(), vv.data());
         }
         train_step(&m, &dl, &schedule, &opt, s);
@@ -413,7 +413,7 @@ static void test_gradient_accumulation(const char* dense, const char* shard) {
     float* params = build_from_options(std::string("-m ") + dense + " -e 4 -k 2 --aux-loss 0 --z-loss 0.001", &cfg, &args);
     const int B = 4, T = 16, N = B * T;
     Model m;
-    model_init(&m, &cfg, params, B, T, (float)args.aux_loss, (float)args.z_loss, args.recompute != 0);
+    model_init(&m, &cfg, params, B, T, (float)args.aux_loss, (float)args.z_loss, args.recompute != 0, args.expert_gemm);
     DataLoader dl;
     dataloader_init(&dl, shard, B, T, cfg.vocab_size);
     dataloader_next_batch(&dl);

@@ -130,6 +130,7 @@ struct Model {
     // writes it to dhidden for the next matmul, the backward computes it again from fch (the same
     // bits) into dhidden2, where d fch replaces it once the fcproj weight gradient has read it
     bool recompute;
+    int expert_gemm;                    // --expert-gemm: the expert GEMMs' version (kernels/expert_mlp.cuh), 0: the default
     cudaStream_t stream;
     Breakdown* breakdown;                        // --breakdown 1: where a step's time goes (else NULL)
     std::vector<cudaEvent_t> breakdown_events;   // one per mark of a step, made as needed, reused
@@ -291,10 +292,16 @@ static size_t model_device_bytes(const ModelConfig* cfg, int B, int T, bool reco
 // Takes the host parameters (fp32, the config's layout) to the GPU. B, T: the largest batch.
 // Every device buffer is sized first: the run's total is printed, and a run that cannot fit
 // stops with that figure, and the largest batch that would fit, before anything is allocated.
-// recompute: see Model::recompute.
+// recompute: see Model::recompute; expert_gemm: Model::expert_gemm, checked here (a version this
+// build or GPU does not have stops the run before anything is allocated).
 static void model_init(Model* m, const ModelConfig* cfg, const float* host_params, int B, int T, float aux_alpha, float z_beta,
-                       bool recompute) {
+                       bool recompute, int expert_gemm) {
+    if (cfg->num_experts > 1 && expert_gemm != 0) {
+        expert_mlp_pick_version(expert_gemm, cfg->channels, cfg->expert_hidden, {});
+        printf("expert GEMMs: version %d (--expert-gemm %d)\n", expert_gemm, expert_gemm);
+    }
     size_t parameter_bytes = model_add_buffers(m, cfg, B, T, recompute);
+    m->expert_gemm = expert_gemm;
     size_t need = m->buffers.bytes, P = m->num_params;
     printf("GPU memory: %.2f GiB, of which %.2f GiB parameters, gradients and moments, %.2f GiB activations (B=%d, T=%d)\n",
            need / 1073741824.0, parameter_bytes / 1073741824.0, (need - parameter_bytes) / 1073741824.0, B, T);
@@ -432,7 +439,7 @@ static void model_forward(Model* m, int B, int T, bool with_targets, float dloss
             expert_mlp_forward(a.expert_output, a.expert_fch, m->recompute ? m->dhidden : a.expert_fch_gelu, a.expert_input,
                                r->expert_offsets, r->max_rows,
                                p.expert_fcw + ex * H * C, p.expert_fcb + ex * H, p.expert_fcprojw + ex * C * H, p.expert_fcprojb + ex * C,
-                               E, C, H, s);
+                               E, C, H, s, m->expert_gemm);
             mark_forward(m, PART_UNPERMUTE);
             unpermute_tokens(m->mlp_out, a.expert_output, r, N, C, s);
             if (m->collect_stats) {
@@ -520,7 +527,7 @@ static void model_backward(Model* m, float loss_scale) {
             expert_mlp_backward(m->dexpert_input, g.expert_fcw + ex * H * C, g.expert_fcb + ex * H, g.expert_fcprojw + ex * C * H,
                                 g.expert_fcprojb + ex * C, m->dhidden2, m->dhidden, m->dexpert_output, a.expert_input, a.expert_fch,
                                 fch_gelu, r->expert_offsets, r->max_rows, p.expert_fcw + ex * H * C, p.expert_fcprojw + ex * C * H,
-                                E, C, H, s);
+                                E, C, H, s, m->expert_gemm);
             mark_backward(m, PART_PERMUTE);
             permute_tokens_backward(dln2, m->dexpert_input, r, N, C, s);
             mark_backward(m, PART_ROUTER);
@@ -715,7 +722,7 @@ int main(int argc, char** argv) {
     printf("GPU engine, %s, on %s (sm_%d%d)\n", PRECISION_NAME, prop.name, prop.major, prop.minor);
     matmul_setup();
     Model model;
-    model_init(&model, &run.config, run.params, run.B, run.T, (float)run.args.aux_loss, (float)run.args.z_loss, run.args.recompute != 0);
+    model_init(&model, &run.config, run.params, run.B, run.T, (float)run.args.aux_loss, (float)run.args.z_loss, run.args.recompute != 0, run.args.expert_gemm);
     size_t P = model.num_params;
     std::vector<float> host_m(P, 0.0f), host_v(P, 0.0f);
     run_start(&run, host_m.data(), host_v.data(), P);

@@ -31,6 +31,7 @@ struct TrainArgs {
     int seq_len;                // T
     int total_batch;            // tokens per optimizer step, -1: B*T (no accumulation)
     int recompute;              // GPU engine: 1 recomputes the MLPs' GELU outputs in the backward
+    int expert_gemm;            // GPU engine: the expert GEMMs' version (kernels/expert_mlp.cuh), 0: the default
     double lr;
     int warmup;
     double final_lr_frac;
@@ -100,6 +101,7 @@ static inline std::vector<Option> option_table(TrainArgs* a) {
         {'t', "seq-len", OPT_INT, &a->seq_len, "1024", 1, 1 << 20, NULL, NULL, "sequence length T (tokens)"},
         {'d', "total-batch", OPT_INT, &a->total_batch, "-1", -1, 1 << 30, NULL, NULL, "tokens per optimizer step, a multiple of B*T (gradient accumulation); -1: B*T"},
         {'r', "recompute", OPT_INT, &a->recompute, "1", 0, 1, NULL, NULL, "GPU engine: 1 keeps no MLP's GELU output for the backward but recomputes it there (less memory, the same bits); 0 keeps them. The CPU twin keeps them either way"},
+        {0, "expert-gemm", OPT_INT, &a->expert_gemm, "0", 0, 3, NULL, NULL, "GPU engine: the experts' grouped GEMMs, 1 CUDA cores, 2 tensor cores (mma.sync), 3 Hopper's wgmma (an sm_90 GPU and build; not yet run on a GPU); 0: 2 where it applies, else 1. The CPU twin ignores it"},
         {'l', "lr", OPT_DOUBLE, &a->lr, "3e-4", 0, 10, NULL, NULL, "peak learning rate"},
         {'u', "warmup", OPT_INT, &a->warmup, "0", 0, 1 << 30, NULL, NULL, "linear warmup steps"},
         {'q', "final-lr-frac", OPT_DOUBLE, &a->final_lr_frac, "0.1", 0, 1, NULL, NULL, "the learning rate decays to this fraction of the peak"},

@@ -10,7 +10,7 @@ Two grouped GEMMs do all the work:
   weights_gemm  dW_e (M x N) += dY_e^T (M x rows_e) . X_e (rows_e x N)
                 the depth (the expert's rows) varies; each output element is summed by one thread
                 in a fixed order, so the weight gradients are deterministic.
-Each comes in two versions, studied in dev/cuda/expert_mlp.cu:
+Each comes in three versions, studied in dev/cuda/expert_mlp.cu:
   simt  version 1: CUDA cores, 64 x 64 output tiles, 256 threads each computing 4 x 4 in fp32
         from operands staged in shared memory; any shape, fp32 or bf16 (the FP32 build);
   mma   version 2: tensor cores (kernels/mma.cuh), 128 x 128 output tiles, 8 warps of 64 x 32,
@@ -18,7 +18,14 @@ Each comes in two versions, studied in dev/cuda/expert_mlp.cu:
         down a tile's columns: W_e (K x N) and both operands of weights_gemm); the epilogue
         writes a thread's two adjacent output columns with one store (bf16x2, or float2 for the
         weight gradients); bf16 builds, C and H multiples of 8, 16-byte aligned tensors.
-expert_mlp_forward and expert_mlp_backward take the mma version whenever it applies.
+  wgmma version 3: Hopper's warpgroup MMA (kernels/wgmma.cuh), 128 x 128 output tiles of two
+        warpgroups, 64-deep stages in a ring of 4 filled by cp.async, operands read by the tensor
+        cores from shared memory as they lie in global memory (K-major or MN-major); the
+        epilogues are version 2's. Where version 2 applies, in a build with an sm_90a target
+        (the Makefile's for sm_90), on an sm_90 GPU (H100, H200). Not yet run on a GPU.
+expert_mlp_forward and expert_mlp_backward take the version asked for (train_moe's
+--expert-gemm), else version 2 wherever it applies: version 3 becomes the default only once a
+GPU has checked and timed it.
 */
 #pragma once
 
@@ -26,6 +33,11 @@ expert_mlp_forward and expert_mlp_backward take the mma version whenever it appl
 #include "common.cuh"
 #include "mma.cuh"
 #include "reduce.cuh"
+// version 3 needs an sm_90a target: the Makefile defines ENABLE_WGMMA for a build that has one
+#if defined(ENABLE_WGMMA) && !defined(ENABLE_FP32)
+#define EXPERT_WGMMA_BUILT 1
+#include "wgmma.cuh"
+#endif
 
 #define XG_TILE 64   // version 1: output tile, rows and columns
 #define XG_DEPTH 16  // version 1: depth of one shared-memory stage
@@ -179,10 +191,9 @@ __device__ __forceinline__ void xm_load_stage(floatX* tile, const floatX* src, i
     }
 }
 
-// The epilogues' stores of two adjacent output columns (at, at + 1), shared with the wgmma
-// version of dev/cuda/expert_mlp.cu: a row output rounded to bf16 as stored, with GELU of the
-// stored values (one 4-byte store each), or a weight gradient's fp32 pair (one 8-byte
-// read-modify-write)
+// The epilogues' stores of two adjacent output columns (at, at + 1), shared with version 3
+// (wgmma): a row output rounded to bf16 as stored, with GELU of the stored values (one 4-byte
+// store each), or a weight gradient's fp32 pair (one 8-byte read-modify-write)
 __device__ __forceinline__ void xm_store_pair(floatX* out, floatX* gelu_out, size_t at, float v0, float v1) {
     float s0 = to_float(from_float<floatX>(v0)), s1 = to_float(from_float<floatX>(v1));  // as stored
     *reinterpret_cast<uint32_t*>(out + at) = pack_bf16x2(s0, s1);
@@ -337,6 +348,150 @@ __global__ void __launch_bounds__(XM_WARPS * WARP_SIZE)
 
 #endif  // !ENABLE_FP32
 
+// --- version 3: Hopper's wgmma (kernels/wgmma.cuh; bf16 builds with an sm_90a target) ---
+// A block owns a 128 x 128 output tile; its two warpgroups own 64 rows each, one wgmma
+// m64n128k16 per 16 of depth, 64 fp32 accumulators per thread. Operands come by cp.async in
+// stages 64 deep, 4 stages in a ring (128 KiB): the copies run two stages ahead, and one stage's
+// wgmmas may still run while the next are issued (wgmma_wait<1>), so a stage is refilled only two
+// iterations after it was read. An operand is staged the way it lies in global memory, K-major
+// (k along its rows: X, and W_e (N, K) in the forward) or MN-major (k down its columns: W_e
+// (K, N) in the backward's dX, both operands of the weight gradients), which wgmma reads with
+// its transpose bit, so nothing is transposed in memory. The epilogues are version 2's.
+// Speed of light as version 2's (the tensor peak); what wgmma adds over mma.sync: no ldmatrix
+// (the tensor cores read shared memory themselves) and 64 x 128 x 16 per instruction.
+#if defined(EXPERT_WGMMA_BUILT)
+
+#define XW_TILE 128                                     // output tile: rows and columns
+#define XW_DEPTH 64                                     // depth of one stage
+#define XW_STAGES 4
+#define XW_OPERAND_ELEMS (XW_TILE * XW_DEPTH)           // one operand's stage, bf16
+#define XW_SMEM_BYTES (XW_STAGES * 2 * XW_OPERAND_ELEMS * sizeof(floatX))  // 128 KiB
+#define XW_LBO 128                                      // bytes between core matrices along k
+#define XW_SBO (XW_DEPTH / 8 * 128)                     // bytes between core matrices along i (m or n): 1024
+
+// where element (i, k) of an operand stage lies (elements): core matrix (i / 8, k / 8) at the
+// 128-byte slot (i / 8) * (XW_DEPTH / 8) + k / 8; inside it row i % 8 (K-major) or k % 8
+// (MN-major) of 16 bytes
+template <bool K_MAJOR>
+__device__ __forceinline__ int xw_offset(int i, int k) {
+    int slot = (i / 8) * (XW_DEPTH / 8) + k / 8;
+    return slot * 64 + (K_MAJOR ? (i % 8) * 8 + k % 8 : (k % 8) * 8 + i % 8);
+}
+
+// issue the copies of one operand's stage: i in i0..i0+127 (those < i_end), k in k0..k0+63 (< k_end),
+// element (i, k) at src[i * ld + k] (K_MAJOR) or src[k * ld + i]; zero outside. The 8 chunks of
+// 16 bytes a quarter-warp copies fill one core matrix, 128 contiguous bytes (no bank conflict),
+// and a warp reads 64 contiguous bytes of each of 8 rows in global memory.
+template <bool K_MAJOR>
+__device__ __forceinline__ void xw_load_stage(floatX* stage, const floatX* src, int ld, int i0, int i_end, int k0, int k_end) {
+    for (int idx = threadIdx.x; idx < XW_TILE * XW_DEPTH / 8; idx += blockDim.x) {
+        int i, k;  // the chunk's first element: 8 along k (K_MAJOR) or along i
+        if (K_MAJOR) { i = idx % 8 + 8 * (idx / 64); k = (idx / 8) % 8 * 8; } else { k = idx % 8 + 8 * (idx / 128); i = (idx / 8) % 16 * 8; }
+        bool inside = i0 + i < i_end && k0 + k < k_end;
+        const floatX* from = K_MAJOR ? src + (size_t)(i0 + i) * ld + k0 + k : src + (size_t)(k0 + k) * ld + i0 + i;
+        cp_async_16(stage + xw_offset<K_MAJOR>(i, k), inside ? from : src, inside);
+    }
+}
+
+// acc (this warpgroup's 64 x 128 of the block's 128 x 128) = A (m0.., m < m_end) . B (n0.., n < n_end)
+// over k in [k_begin, k_end); smem holds XW_SMEM_BYTES
+template <bool A_K_MAJOR, bool B_K_MAJOR>
+__device__ __forceinline__ void xw_block_product(float acc[64], floatX* smem, const floatX* A, int lda, int m0, int m_end,
+                                                 const floatX* B, int ldb, int n0, int n_end, int k_begin, int k_end) {
+    int warpgroup = threadIdx.x / 128;
+    #pragma unroll
+    for (int i = 0; i < 64; i++) { acc[i] = 0.0f; }
+    int tiles = (k_end - k_begin + XW_DEPTH - 1) / XW_DEPTH;
+    if (tiles <= 0) { return; }
+    auto load = [&](int t) {  // tile t into its stage of the ring: A, then B
+        floatX* stage = smem + (t % XW_STAGES) * 2 * XW_OPERAND_ELEMS;
+        xw_load_stage<A_K_MAJOR>(stage, A, lda, m0, m_end, k_begin + t * XW_DEPTH, k_end);
+        xw_load_stage<B_K_MAJOR>(stage + XW_OPERAND_ELEMS, B, ldb, n0, n_end, k_begin + t * XW_DEPTH, k_end);
+    };
+    for (int t = 0; t < XW_STAGES - 2; t++) {
+        if (t < tiles) { load(t); }
+        cp_async_commit();  // a group even when empty: the wait below counts groups
+    }
+    for (int t = 0; t < tiles; t++) {
+        cp_async_wait<XW_STAGES - 3>();  // tile t has landed (t + 1 may be in flight)
+        fence_proxy_async();
+        __syncthreads();  // every thread's copies of tile t; every wgmma of tile t - 2 done (waited below)
+        if (t + XW_STAGES - 2 < tiles) { load(t + XW_STAGES - 2); }  // into tile t - 2's stage, free now
+        cp_async_commit();
+        const floatX* a_s = smem + (t % XW_STAGES) * 2 * XW_OPERAND_ELEMS + xw_offset<A_K_MAJOR>(64 * warpgroup, 0);  // its 64 rows
+        const floatX* b_s = smem + (t % XW_STAGES) * 2 * XW_OPERAND_ELEMS + XW_OPERAND_ELEMS;
+        wgmma_fence_accumulators(acc);
+        wgmma_fence();
+        #pragma unroll
+        for (int ks = 0; ks < XW_DEPTH / 16; ks++) {  // k = 16 ks: two core matrices further along k
+            wgmma_m64n128k16<A_K_MAJOR ? 0 : 1, B_K_MAJOR ? 0 : 1>(acc, wgmma_descriptor(a_s + xw_offset<A_K_MAJOR>(0, 16 * ks), XW_LBO, XW_SBO),
+                                                                  wgmma_descriptor(b_s + xw_offset<B_K_MAJOR>(0, 16 * ks), XW_LBO, XW_SBO), 1);
+        }
+        wgmma_commit();
+        wgmma_fence_accumulators(acc);
+        wgmma_wait<1>();  // tile t - 1's wgmmas done: its stage may be refilled at t + 1
+        wgmma_fence_accumulators(acc);
+    }
+    wgmma_wait<0>();
+    wgmma_fence_accumulators(acc);
+}
+
+// rows_gemm on wgmma: out = X W_e (+ bias, GELU keeping the pre-activation) for a 128-row tile of
+// one expert; W (E, N, K) when W_TRANSPOSED (B K-major), else (E, K, N) (B MN-major).
+// grid (expert_row_tiles(max_rows, E, 128), ceil(N / 128)), 256 threads, XW_SMEM_BYTES.
+template <bool W_TRANSPOSED>
+__global__ void __launch_bounds__(256)
+    rows_gemm_wgmma_kernel(floatX* out, floatX* gelu_out, const floatX* X, const floatX* W, const floatX* bias, const int* expert_offsets,
+                           int E, int N, int K) {
+    extern __shared__ __align__(128) unsigned char xw_smem[];
+    int e, first, end;
+    if (!find_row_tile(expert_offsets, E, XW_TILE, blockIdx.x, &e, &first, &end)) { return; }
+    int n0 = blockIdx.y * XW_TILE;
+    const floatX* We = W + (size_t)e * N * K;
+    float acc[64];
+    xw_block_product<true, W_TRANSPOSED>(acc, reinterpret_cast<floatX*>(xw_smem), X, K, first, end, We, W_TRANSPOSED ? K : N, n0, N, 0, K);
+    // the accumulator layout of wgmma.cuh: warp w of the warpgroup, rows 16w + g (+ 8), columns 8j + 2c (+ 1)
+    int lane = threadIdx.x % WARP_SIZE, w = threadIdx.x % 128 / WARP_SIZE, g = lane / 4, c = lane % 4;
+    #pragma unroll
+    for (int j = 0; j < XW_TILE / 8; j++) {
+        int n = n0 + 8 * j + 2 * c;
+        if (n >= N) { continue; }
+        float b0 = bias ? to_float(bias[(size_t)e * N + n]) : 0.0f, b1 = bias ? to_float(bias[(size_t)e * N + n + 1]) : 0.0f;
+        #pragma unroll
+        for (int half = 0; half < 2; half++) {
+            int row = first + 64 * (threadIdx.x / 128) + 16 * w + g + 8 * half;
+            if (row >= end) { continue; }
+            xm_store_pair(out, gelu_out, (size_t)row * N + n, acc[4 * j + 2 * half] + b0, acc[4 * j + 2 * half + 1] + b1);
+        }
+    }
+}
+
+// weights_gemm on wgmma: dW_e (m0.., n0..) += A_e^T B_e over the expert's rows, both operands
+// MN-major (the rows are the depth). grid (ceil(N / 128), ceil(M / 128), E), 256 threads, XW_SMEM_BYTES.
+__global__ void __launch_bounds__(256)
+    weights_gemm_wgmma_kernel(float* dW, const floatX* A, const floatX* B, const int* expert_offsets, int M, int N) {
+    extern __shared__ __align__(128) unsigned char xw_smem[];
+    int e = blockIdx.z, m0 = blockIdx.y * XW_TILE, n0 = blockIdx.x * XW_TILE;
+    int first = expert_offsets[e], end = expert_offsets[e + 1];
+    if (first == end) { return; }
+    float acc[64];
+    xw_block_product<false, false>(acc, reinterpret_cast<floatX*>(xw_smem), A, M, m0, M, B, N, n0, N, first, end);
+    float* dWe = dW + (size_t)e * M * N;
+    int lane = threadIdx.x % WARP_SIZE, w = threadIdx.x % 128 / WARP_SIZE, g = lane / 4, c = lane % 4;
+    #pragma unroll
+    for (int j = 0; j < XW_TILE / 8; j++) {
+        int n = n0 + 8 * j + 2 * c;  // columns n, n + 1 (N a multiple of 8)
+        if (n >= N) { continue; }
+        #pragma unroll
+        for (int half = 0; half < 2; half++) {
+            int m = m0 + 64 * (threadIdx.x / 128) + 16 * w + g + 8 * half;
+            if (m >= M) { continue; }
+            xm_add_pair(dWe, (size_t)m * N + n, acc[4 * j + 2 * half], acc[4 * j + 2 * half + 1]);
+        }
+    }
+}
+#endif  // EXPERT_WGMMA_BUILT
+
 // --- both versions ---
 
 // dbias[e][n] += sum over expert e's rows of dY[r][n]: a block takes COLUMN_SUM_COLUMNS columns of
@@ -393,6 +548,20 @@ static bool expert_mma_applies(int C, int H, std::initializer_list<const void*> 
 // (expert_mlp_pick_version never asks for it in FP32).
 static void rows_gemm(int version, floatX* out, floatX* gelu_out, const floatX* X, const floatX* W, bool w_transposed, const floatX* bias,
                       const int* expert_offsets, int max_rows, int E, int N, int K, cudaStream_t stream) {
+#if defined(EXPERT_WGMMA_BUILT)
+    if (version == 3) {
+        dim3 grid(expert_row_tiles(max_rows, E, XW_TILE), ceil_div_int(N, XW_TILE));
+        if (w_transposed) {
+            allow_dynamic_smem(rows_gemm_wgmma_kernel<true>, XW_SMEM_BYTES, "expert_mlp version 3 (wgmma)");
+            rows_gemm_wgmma_kernel<true><<<grid, 256, XW_SMEM_BYTES, stream>>>(out, gelu_out, X, W, bias, expert_offsets, E, N, K);
+        } else {
+            allow_dynamic_smem(rows_gemm_wgmma_kernel<false>, XW_SMEM_BYTES, "expert_mlp version 3 (wgmma)");
+            rows_gemm_wgmma_kernel<false><<<grid, 256, XW_SMEM_BYTES, stream>>>(out, gelu_out, X, W, bias, expert_offsets, E, N, K);
+        }
+        cudaCheckLaunch();
+        return;
+    }
+#endif
     if (version == 2) {
 #if !defined(ENABLE_FP32)
         dim3 grid(expert_row_tiles(max_rows, E, XM_TILE), ceil_div_int(N, XM_TILE));
@@ -417,6 +586,15 @@ static void rows_gemm(int version, floatX* out, floatX* gelu_out, const floatX* 
 // dW (E, M, N) += A_e^T (M, rows_e) . B_e (rows_e, N) for every expert
 static void weights_gemm(int version, float* dW, const floatX* A, const floatX* B, const int* expert_offsets, int E, int M, int N,
                          cudaStream_t stream) {
+#if defined(EXPERT_WGMMA_BUILT)
+    if (version == 3) {
+        allow_dynamic_smem(weights_gemm_wgmma_kernel, XW_SMEM_BYTES, "expert_mlp version 3 (wgmma)");
+        dim3 grid(ceil_div_int(N, XW_TILE), ceil_div_int(M, XW_TILE), E);
+        weights_gemm_wgmma_kernel<<<grid, 256, XW_SMEM_BYTES, stream>>>(dW, A, B, expert_offsets, M, N);
+        cudaCheckLaunch();
+        return;
+    }
+#endif
     if (version == 2) {
 #if !defined(ENABLE_FP32)
         dim3 grid(ceil_div_int(N, XM_TILE), ceil_div_int(M, XM_TILE), E);
@@ -429,12 +607,40 @@ static void weights_gemm(int version, float* dW, const floatX* A, const floatX* 
     cudaCheckLaunch();
 }
 
-// version 0 means the best that applies; asking for version 2 where it does not apply is an error
+// whether version 3 (wgmma) can run: this binary has its sm_90a code and the GPU is sm_90
+static bool expert_wgmma_here() {
+#if defined(EXPERT_WGMMA_BUILT)
+    static int here = -1;  // asked once
+    if (here < 0) {
+        int device = 0;
+        cudaDeviceProp prop;
+        cudaCheck(cudaGetDevice(&device));
+        cudaCheck(cudaGetDeviceProperties(&prop, device));
+        here = prop.major == 9 && prop.minor == 0;
+    }
+    return here == 1;
+#else
+    return false;
+#endif
+}
+
+// version 0 means the default: version 2 wherever it applies, else 1. Asking for a version where
+// it does not apply is an error.
 static int expert_mlp_pick_version(int version, int C, int H, std::initializer_list<const void*> tensors) {
     bool mma = expert_mma_applies(C, H, tensors);
     if (version == 0) { return mma ? 2 : 1; }
-    if (version == 2 && !mma) { die("expert_mlp: version 2 needs a BF16 build, C and H multiples of 8 and 16-byte aligned tensors (C=%d H=%d)", C, H); }
-    if (version != 1 && version != 2) { die("expert_mlp: no version %d (1 or 2)", version); }
+    if (version < 1 || version > 3) { die("expert_mlp: no version %d (1, 2 or 3)", version); }
+    if (version >= 2 && !mma) {
+#if defined(ENABLE_FP32)
+        die("expert_mlp: version %d (tensor cores) needs a BF16 build; this one is FP32 (make train_moe PRECISION=BF16)", version);
+#else
+        if (C % 8 != 0 || H % 8 != 0) { die("expert_mlp: version %d (tensor cores) needs C and H multiples of 8, not C=%d H=%d", version, C, H); }
+        die("expert_mlp: version %d (tensor cores) needs 16-byte aligned tensors", version);
+#endif
+    }
+    if (version == 3 && !expert_wgmma_here()) {
+        die("expert_mlp: version 3 (wgmma) needs an sm_90 GPU (H100, H200) and a build for it (make train_moe GPU_ARCH=90)");
+    }
     return version;
 }
 

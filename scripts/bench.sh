@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The benchmark of design.md: GPT-2 124M shapes (d12), T=1024, bf16, on one GPU: dense (-e 1) and
 # MoE (8 experts, top-2, every other layer) side by side, tokens/s, MFU, ms per step (median of
-# the steps after warm-up) and peak memory, the MoE also with --recompute 0; then the PyTorch
+# the steps after warm-up) and peak memory, the MoE also with --recompute 0 and, on an sm_90 GPU,
+# with version 3 of the expert GEMMs (--expert-gemm 3, Hopper's wgmma); then the PyTorch
 # reference on the same GPU; then each train_moe run's --breakdown table (the time of each part
 # of a step: the design's budget of 5% for routing, permutation and un-permutation is the sum of
 # the MoE router, permute and unpermute rows).
@@ -65,8 +66,13 @@ llmc_row() {
 {
     echo "| run | ms/step | tokens/s | MFU | peak memory |"
     echo "|---|---|---|---|---|"
-    # the third row keeps the GELU outputs (--recompute 0): what the default recomputation costs
-    for entry in "dense|-e 1" "MoE 8x top-2, every2|-e 8 -k 2" "MoE 8x top-2, every2, --recompute 0|-e 8 -k 2 -r 0"; do
+    # the third row keeps the GELU outputs (--recompute 0): what the default recomputation costs;
+    # on an sm_90 GPU (H100, H200) a fourth takes version 3 of the expert GEMMs (Hopper's wgmma)
+    runs=("dense|-e 1" "MoE 8x top-2, every2|-e 8 -k 2" "MoE 8x top-2, every2, --recompute 0|-e 8 -k 2 -r 0")
+    if [ "$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -n 1)" = 9.0 ]; then
+        runs+=("MoE 8x top-2, every2, --expert-gemm 3|-e 8 -k 2 --expert-gemm 3")
+    fi
+    for entry in "${runs[@]}"; do
         name=${entry%%|*}
         options=${entry#*|}
         # shellcheck disable=SC2086

@@ -103,16 +103,43 @@ if [ "${GPU_SANITIZE:-1}" = 1 ]; then
     sanitize_pid=$!
 fi
 GEOMETRY="-b 4 -t 16"
+# checks LABEL COMMAND...: the command's check lines; one that stops (a die, a fault) without a
+# FAIL line of its own is a FAIL here, so that a crash is never a silent pass
+checks() {
+    local label=$1 out rc; shift
+    out=$("$@" 2>&1)
+    rc=$?
+    grep -E '^(PASS|FAIL|SKIP) ' <<< "$out"
+    if [ $rc -ne 0 ] && ! grep -q '^FAIL ' <<< "$out"; then
+        echo "FAIL $label: exit status $rc: $(tail -n 3 <<< "$out" | tr '\n' ' ' | cut -c1-300)"
+    fi
+}
 for precision in FP32 BF16; do
     bin=$STATES/cuda_$precision/test_moe
     [ -x "$bin" ] || continue
     for options_file in "$STATES"/*.options; do
         name=$(basename "$options_file" .options)
         # shellcheck disable=SC2046,SC2086
-        "$bin" reference "$name" "$STATES/$name.state" "$STATES/$name.ref.bin" -- -m "$STATES/dense.bin" -i "$STATES/shard.bin" $GEOMETRY $(cat "$options_file") | grep -E '^(PASS|FAIL|SKIP) '
+        checks "test_moe.$name.$precision" "$bin" reference "$name" "$STATES/$name.state" "$STATES/$name.ref.bin" -- -m "$STATES/dense.bin" \
+            -i "$STATES/shard.bin" $GEOMETRY $(cat "$options_file")
     done
-    "$bin" invariants "$STATES/dense.bin" "$STATES/shard.bin" | grep -E '^(PASS|FAIL|SKIP) '
+    checks "test_moe.invariants.$precision" "$bin" invariants "$STATES/dense.bin" "$STATES/shard.bin"
 done
+# version 3 of the expert GEMMs (Hopper's wgmma), which train_moe takes only when asked
+# (--expert-gemm 3): every config again with it, BF16, on an sm_90 GPU (the builds above have it)
+bin=$STATES/cuda_BF16/test_moe
+if [ -x "$bin" ]; then
+    if [ "$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -n 1)" = 9.0 ]; then
+        for options_file in "$STATES"/*.options; do
+            name=$(basename "$options_file" .options)
+            # shellcheck disable=SC2046,SC2086
+            checks "test_moe.$name.wgmma.BF16" "$bin" reference "$name.wgmma" "$STATES/$name.state" "$STATES/$name.ref.bin" -- \
+                -m "$STATES/dense.bin" -i "$STATES/shard.bin" $GEOMETRY $(cat "$options_file") --expert-gemm 3
+        done
+    else
+        echo "SKIP test_moe.wgmma: not an sm_90 GPU (version 3 of the expert GEMMs is Hopper's)"
+    fi
+fi
 # train_moe's own loop on the GPU against the twin's, FP32: the same printed losses (tests/same_run.py)
 bin=$STATES/cuda_FP32/train_moe
 if [ -x "$bin" ] && [ -x ./train_moe_cpu ]; then

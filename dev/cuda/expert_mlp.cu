@@ -24,11 +24,13 @@ version 2: tensor cores, mma.sync m16n8k16 bf16 -> fp32 (sm_80+), BF16 builds, C
            the tensor cores work on the first, fragments by ldmatrix; operands whose k runs down
            the tile's columns in memory (W_e (K x N) in the backward, both operands of
            weights_gemm) are read with ldmatrix.trans, so nothing is ever transposed in memory.
-version 3: the six GEMMs on Hopper's wgmma (dev/cuda/wgmma.cuh; BF16 builds for sm_90a, which
+version 3: the six GEMMs on Hopper's wgmma (kernels/wgmma.cuh; BF16 builds for sm_90a, which
            the Makefile makes for GPU_ARCH=90): 128 x 128 tiles of two warpgroups, a ring of 4
            cp.async stages 64 deep, operands staged K-major or MN-major as they lie in memory
            and read with wgmma's transpose bit. Described in doc/kernels.md; not yet run on a GPU.
 Version 2 graduated: expert_mlp_forward/backward use it where it applies, version 1 elsewhere.
+Version 3 is in the engine too, taken only when asked for (train_moe --expert-gemm 3) until a GPU
+has checked and timed it here.
 
 Checks per shape and version, with an empty expert and partial tiles in every shape (and, in
 "deep", for version 3 only, more stages than its ring holds): out, fch, fch_gelu, dinp, and the four weight
@@ -57,239 +59,29 @@ ms for the forward's two).
 
 #define NUM_VERSIONS 3
 
-// version 3 exists in BF16 builds for sm_90a (the Makefile's GPU_ARCH=90 defines ENABLE_WGMMA; so
-// does the CPU emulation)
-#if defined(ENABLE_WGMMA) && !defined(ENABLE_FP32)
-#define WGMMA_BUILT 1
-#include "wgmma.cuh"
-#endif
-
+// version 3 exists in BF16 builds with an sm_90a target (the Makefile's GPU_ARCH=90 defines
+// ENABLE_WGMMA; so does the CPU emulation) and runs on an sm_90 GPU
 static bool version_applies(int version, int C, int H) {
 #if defined(ENABLE_FP32)
     (void)C; (void)H;
     return version == 1;
 #else
-    if (version == 3) {
-#if defined(WGMMA_BUILT)
-        return C % 8 == 0 && H % 8 == 0;
-#else
-        return false;
-#endif
-    }
-    return version == 1 || (version == 2 && C % 8 == 0 && H % 8 == 0);
+    if (version == 3 && !expert_wgmma_here()) { return false; }
+    return version == 1 || ((version == 2 || version == 3) && C % 8 == 0 && H % 8 == 0);
 #endif
 }
 
-// ----------------------------------------------------------------------------
-// version 3: the six GEMMs on Hopper's wgmma (dev/cuda/wgmma.cuh).
-// A block owns a 128 x 128 output tile; its two warpgroups own 64 rows each, one wgmma
-// m64n128k16 per 16 of depth, 64 fp32 accumulators per thread. Operands come by cp.async in
-// stages 64 deep, 4 stages in a ring (128 KiB): the copies run two stages ahead, and one stage's
-// wgmmas may still run while the next are issued (wgmma_wait<1>), so a stage is refilled only two
-// iterations after it was read. An operand is staged the way it lies in global memory, K-major
-// (k along its rows: X, and W_e (N, K) in the forward) or MN-major (k down its columns: W_e
-// (K, N) in the backward's dX, both operands of the weight gradients), which wgmma reads with
-// its transpose bit, so nothing is transposed in memory. The epilogues are version 2's.
-// Speed of light as version 2's (the tensor peak); what wgmma adds over mma.sync: no ldmatrix
-// (the tensor cores read shared memory themselves) and 64 x 128 x 16 per instruction.
-#if defined(WGMMA_BUILT)
-
-#define XW_TILE 128                                     // output tile: rows and columns
-#define XW_DEPTH 64                                     // depth of one stage
-#define XW_STAGES 4
-#define XW_OPERAND_ELEMS (XW_TILE * XW_DEPTH)           // one operand's stage, bf16
-#define XW_SMEM_BYTES (XW_STAGES * 2 * XW_OPERAND_ELEMS * sizeof(floatX))  // 128 KiB
-#define XW_LBO 128                                      // bytes between core matrices along k
-#define XW_SBO (XW_DEPTH / 8 * 128)                     // bytes between core matrices along i (m or n): 1024
-
-// where element (i, k) of an operand stage lies (elements): core matrix (i / 8, k / 8) at the
-// 128-byte slot (i / 8) * (XW_DEPTH / 8) + k / 8; inside it row i % 8 (K-major) or k % 8
-// (MN-major) of 16 bytes
-template <bool K_MAJOR>
-__device__ __forceinline__ int xw_offset(int i, int k) {
-    int slot = (i / 8) * (XW_DEPTH / 8) + k / 8;
-    return slot * 64 + (K_MAJOR ? (i % 8) * 8 + k % 8 : (k % 8) * 8 + i % 8);
-}
-
-// issue the copies of one operand's stage: i in i0..i0+127 (those < i_end), k in k0..k0+63 (< k_end),
-// element (i, k) at src[i * ld + k] (K_MAJOR) or src[k * ld + i]; zero outside. The 8 chunks of
-// 16 bytes a quarter-warp copies fill one core matrix, 128 contiguous bytes (no bank conflict),
-// and a warp reads 64 contiguous bytes of each of 8 rows in global memory.
-template <bool K_MAJOR>
-__device__ __forceinline__ void xw_load_stage(floatX* stage, const floatX* src, int ld, int i0, int i_end, int k0, int k_end) {
-    for (int idx = threadIdx.x; idx < XW_TILE * XW_DEPTH / 8; idx += blockDim.x) {
-        int i, k;  // the chunk's first element: 8 along k (K_MAJOR) or along i
-        if (K_MAJOR) { i = idx % 8 + 8 * (idx / 64); k = (idx / 8) % 8 * 8; } else { k = idx % 8 + 8 * (idx / 128); i = (idx / 8) % 16 * 8; }
-        bool inside = i0 + i < i_end && k0 + k < k_end;
-        const floatX* from = K_MAJOR ? src + (size_t)(i0 + i) * ld + k0 + k : src + (size_t)(k0 + k) * ld + i0 + i;
-        cp_async_16(stage + xw_offset<K_MAJOR>(i, k), inside ? from : src, inside);
-    }
-}
-
-// acc (this warpgroup's 64 x 128 of the block's 128 x 128) = A (m0.., m < m_end) . B (n0.., n < n_end)
-// over k in [k_begin, k_end); smem holds XW_SMEM_BYTES
-template <bool A_K_MAJOR, bool B_K_MAJOR>
-__device__ __forceinline__ void xw_block_product(float acc[64], floatX* smem, const floatX* A, int lda, int m0, int m_end,
-                                                 const floatX* B, int ldb, int n0, int n_end, int k_begin, int k_end) {
-    int warpgroup = threadIdx.x / 128;
-    #pragma unroll
-    for (int i = 0; i < 64; i++) { acc[i] = 0.0f; }
-    int tiles = (k_end - k_begin + XW_DEPTH - 1) / XW_DEPTH;
-    if (tiles <= 0) { return; }
-    auto load = [&](int t) {  // tile t into its stage of the ring: A, then B
-        floatX* stage = smem + (t % XW_STAGES) * 2 * XW_OPERAND_ELEMS;
-        xw_load_stage<A_K_MAJOR>(stage, A, lda, m0, m_end, k_begin + t * XW_DEPTH, k_end);
-        xw_load_stage<B_K_MAJOR>(stage + XW_OPERAND_ELEMS, B, ldb, n0, n_end, k_begin + t * XW_DEPTH, k_end);
-    };
-    for (int t = 0; t < XW_STAGES - 2; t++) {
-        if (t < tiles) { load(t); }
-        cp_async_commit();  // a group even when empty: the wait below counts groups
-    }
-    for (int t = 0; t < tiles; t++) {
-        cp_async_wait<XW_STAGES - 3>();  // tile t has landed (t + 1 may be in flight)
-        fence_proxy_async();
-        __syncthreads();  // every thread's copies of tile t; every wgmma of tile t - 2 done (waited below)
-        if (t + XW_STAGES - 2 < tiles) { load(t + XW_STAGES - 2); }  // into tile t - 2's stage, free now
-        cp_async_commit();
-        const floatX* a_s = smem + (t % XW_STAGES) * 2 * XW_OPERAND_ELEMS + xw_offset<A_K_MAJOR>(64 * warpgroup, 0);  // its 64 rows
-        const floatX* b_s = smem + (t % XW_STAGES) * 2 * XW_OPERAND_ELEMS + XW_OPERAND_ELEMS;
-        wgmma_fence_accumulators(acc);
-        wgmma_fence();
-        #pragma unroll
-        for (int ks = 0; ks < XW_DEPTH / 16; ks++) {  // k = 16 ks: two core matrices further along k
-            wgmma_m64n128k16<A_K_MAJOR ? 0 : 1, B_K_MAJOR ? 0 : 1>(acc, wgmma_descriptor(a_s + xw_offset<A_K_MAJOR>(0, 16 * ks), XW_LBO, XW_SBO),
-                                                                  wgmma_descriptor(b_s + xw_offset<B_K_MAJOR>(0, 16 * ks), XW_LBO, XW_SBO), 1);
-        }
-        wgmma_commit();
-        wgmma_fence_accumulators(acc);
-        wgmma_wait<1>();  // tile t - 1's wgmmas done: its stage may be refilled at t + 1
-        wgmma_fence_accumulators(acc);
-    }
-    wgmma_wait<0>();
-    wgmma_fence_accumulators(acc);
-}
-
-// rows_gemm on wgmma: out = X W_e (+ bias, GELU keeping the pre-activation) for a 128-row tile of
-// one expert; W (E, N, K) when W_TRANSPOSED (B K-major), else (E, K, N) (B MN-major).
-// grid (expert_row_tiles(max_rows, E, 128), ceil(N / 128)), 256 threads, XW_SMEM_BYTES.
-template <bool W_TRANSPOSED>
-__global__ void __launch_bounds__(256)
-    rows_gemm_wgmma_kernel(floatX* out, floatX* gelu_out, const floatX* X, const floatX* W, const floatX* bias, const int* expert_offsets,
-                           int E, int N, int K) {
-    extern __shared__ __align__(128) unsigned char xw_smem[];
-    int e, first, end;
-    if (!find_row_tile(expert_offsets, E, XW_TILE, blockIdx.x, &e, &first, &end)) { return; }
-    int n0 = blockIdx.y * XW_TILE;
-    const floatX* We = W + (size_t)e * N * K;
-    float acc[64];
-    xw_block_product<true, W_TRANSPOSED>(acc, reinterpret_cast<floatX*>(xw_smem), X, K, first, end, We, W_TRANSPOSED ? K : N, n0, N, 0, K);
-    // the accumulator layout of wgmma.cuh: warp w of the warpgroup, rows 16w + g (+ 8), columns 8j + 2c (+ 1)
-    int lane = threadIdx.x % WARP_SIZE, w = threadIdx.x % 128 / WARP_SIZE, g = lane / 4, c = lane % 4;
-    #pragma unroll
-    for (int j = 0; j < XW_TILE / 8; j++) {
-        int n = n0 + 8 * j + 2 * c;
-        if (n >= N) { continue; }
-        float b0 = bias ? to_float(bias[(size_t)e * N + n]) : 0.0f, b1 = bias ? to_float(bias[(size_t)e * N + n + 1]) : 0.0f;
-        #pragma unroll
-        for (int half = 0; half < 2; half++) {
-            int row = first + 64 * (threadIdx.x / 128) + 16 * w + g + 8 * half;
-            if (row >= end) { continue; }
-            xm_store_pair(out, gelu_out, (size_t)row * N + n, acc[4 * j + 2 * half] + b0, acc[4 * j + 2 * half + 1] + b1);
-        }
-    }
-}
-
-// weights_gemm on wgmma: dW_e (m0.., n0..) += A_e^T B_e over the expert's rows, both operands
-// MN-major (the rows are the depth). grid (ceil(N / 128), ceil(M / 128), E), 256 threads, XW_SMEM_BYTES.
-__global__ void __launch_bounds__(256)
-    weights_gemm_wgmma_kernel(float* dW, const floatX* A, const floatX* B, const int* expert_offsets, int M, int N) {
-    extern __shared__ __align__(128) unsigned char xw_smem[];
-    int e = blockIdx.z, m0 = blockIdx.y * XW_TILE, n0 = blockIdx.x * XW_TILE;
-    int first = expert_offsets[e], end = expert_offsets[e + 1];
-    if (first == end) { return; }
-    float acc[64];
-    xw_block_product<false, false>(acc, reinterpret_cast<floatX*>(xw_smem), A, M, m0, M, B, N, n0, N, first, end);
-    float* dWe = dW + (size_t)e * M * N;
-    int lane = threadIdx.x % WARP_SIZE, w = threadIdx.x % 128 / WARP_SIZE, g = lane / 4, c = lane % 4;
-    #pragma unroll
-    for (int j = 0; j < XW_TILE / 8; j++) {
-        int n = n0 + 8 * j + 2 * c;  // columns n, n + 1 (N a multiple of 8)
-        if (n >= N) { continue; }
-        #pragma unroll
-        for (int half = 0; half < 2; half++) {
-            int m = m0 + 64 * (threadIdx.x / 128) + 16 * w + g + 8 * half;
-            if (m >= M) { continue; }
-            xm_add_pair(dWe, (size_t)m * N + n, acc[4 * j + 2 * half], acc[4 * j + 2 * half + 1]);
-        }
-    }
-}
-#endif  // WGMMA_BUILT
-
-// rows_gemm and weights_gemm (kernels/expert_mlp.cuh) in any version, 3 included
-static void any_rows_gemm(int version, floatX* out, floatX* gelu_out, const floatX* X, const floatX* W, bool w_transposed, const floatX* bias,
-                          const int* expert_offsets, int max_rows, int E, int N, int K) {
-#if defined(WGMMA_BUILT)
-    if (version == 3) {
-        dim3 grid(expert_row_tiles(max_rows, E, XW_TILE), ceil_div_int(N, XW_TILE));
-        if (w_transposed) {
-            allow_dynamic_smem(rows_gemm_wgmma_kernel<true>, XW_SMEM_BYTES, "expert_mlp version 3 (wgmma)");
-            rows_gemm_wgmma_kernel<true><<<grid, 256, XW_SMEM_BYTES>>>(out, gelu_out, X, W, bias, expert_offsets, E, N, K);
-        } else {
-            allow_dynamic_smem(rows_gemm_wgmma_kernel<false>, XW_SMEM_BYTES, "expert_mlp version 3 (wgmma)");
-            rows_gemm_wgmma_kernel<false><<<grid, 256, XW_SMEM_BYTES>>>(out, gelu_out, X, W, bias, expert_offsets, E, N, K);
-        }
-        cudaCheckLaunch();
-        return;
-    }
-#endif
-    rows_gemm(version, out, gelu_out, X, W, w_transposed, bias, expert_offsets, max_rows, E, N, K, 0);
-}
-
-static void any_weights_gemm(int version, float* dW, const floatX* A, const floatX* B, const int* expert_offsets, int E, int M, int N) {
-#if defined(WGMMA_BUILT)
-    if (version == 3) {
-        allow_dynamic_smem(weights_gemm_wgmma_kernel, XW_SMEM_BYTES, "expert_mlp version 3 (wgmma)");
-        weights_gemm_wgmma_kernel<<<dim3(ceil_div_int(N, XW_TILE), ceil_div_int(M, XW_TILE), E), 256, XW_SMEM_BYTES>>>(dW, A, B, expert_offsets,
-                                                                                                                    M, N);
-        cudaCheckLaunch();
-        return;
-    }
-#endif
-    weights_gemm(version, dW, A, B, expert_offsets, E, M, N, 0);
-}
-
-// the study's forward and backward: versions 1 and 2 as the engine runs them
-// (expert_mlp_forward/backward), version 3 the same sequence with its GEMMs on wgmma
+// the engine's forward and backward in one version
 static void forward(int version, floatX* out, floatX* fch, floatX* fch_gelu, const floatX* inp, const int* expert_offsets, int max_rows,
                     const floatX* fcw, const floatX* fcb, const floatX* fcprojw, const floatX* fcprojb, int E, int C, int H) {
-    if (version != 3) {
-        expert_mlp_forward(out, fch, fch_gelu, inp, expert_offsets, max_rows, fcw, fcb, fcprojw, fcprojb, E, C, H, 0, version);
-        return;
-    }
-    any_rows_gemm(3, fch, fch_gelu, inp, fcw, true, fcb, expert_offsets, max_rows, E, H, C);
-    any_rows_gemm(3, out, NULL, fch_gelu, fcprojw, true, fcprojb, expert_offsets, max_rows, E, C, H);
+    expert_mlp_forward(out, fch, fch_gelu, inp, expert_offsets, max_rows, fcw, fcb, fcprojw, fcprojb, E, C, H, 0, version);
 }
 
 static void backward(int version, floatX* dinp, float* dfcw, float* dfcb, float* dfcprojw, float* dfcprojb, floatX* dfch, floatX* dfch_gelu,
                      const floatX* dout, const floatX* inp, const floatX* fch, const floatX* fch_gelu, const int* expert_offsets, int max_rows,
                      const floatX* fcw, const floatX* fcprojw, int E, int C, int H) {
-    if (version != 3) {
-        expert_mlp_backward(dinp, dfcw, dfcb, dfcprojw, dfcprojb, dfch, dfch_gelu, dout, inp, fch, fch_gelu, expert_offsets, max_rows, fcw,
-                            fcprojw, E, C, H, 0, version);
-        return;
-    }
-    any_rows_gemm(3, dfch_gelu, NULL, dout, fcprojw, false, NULL, expert_offsets, max_rows, E, H, C);
-    any_weights_gemm(3, dfcprojw, dout, fch_gelu, expert_offsets, E, C, H);
-    expert_bias_grad_kernel<<<dim3(ceil_div_int(C, COLUMN_SUM_COLUMNS), E), dim3(COLUMN_SUM_COLUMNS, COLUMN_SUM_LANES)>>>(dfcprojb, dout,
-                                                                                                                       expert_offsets, C);
-    cudaCheckLaunch();
-    expert_gelu_backward_kernel<<<ceil_div_int((long long)max_rows * H, 256), 256>>>(dfch, fch, dfch_gelu, expert_offsets, E, H);
-    cudaCheckLaunch();
-    any_rows_gemm(3, dinp, NULL, dfch, fcw, false, NULL, expert_offsets, max_rows, E, C, H);
-    any_weights_gemm(3, dfcw, dfch, inp, expert_offsets, E, H, C);
-    expert_bias_grad_kernel<<<dim3(ceil_div_int(H, COLUMN_SUM_COLUMNS), E), dim3(COLUMN_SUM_COLUMNS, COLUMN_SUM_LANES)>>>(dfcb, dfch,
-                                                                                                                       expert_offsets, H);
-    cudaCheckLaunch();
+    expert_mlp_backward(dinp, dfcw, dfcb, dfcprojw, dfcprojb, dfch, dfch_gelu, dout, inp, fch, fch_gelu, expert_offsets, max_rows, fcw,
+                        fcprojw, E, C, H, 0, version);
 }
 
 struct Shape {
@@ -476,17 +268,17 @@ static void benchmark(int first, int last) {
         bool forward;                   // of the forward (the two are also summed apart)
     };
     Gemm gemms[6] = {
-        {"fc forward (+bias, GELU)", [&](int v) { any_rows_gemm(v, y_h, g_h, x_c, w_hc, true, b_h, d_offsets, rows, E, H, C); },
+        {"fc forward (+bias, GELU)", [&](int v) { rows_gemm(v, y_h, g_h, x_c, w_hc, true, b_h, d_offsets, rows, E, H, C, 0); },
          [&]() { matmul_forward(y_h, x_c, w_hc, b_h, rows, C, H, 0); }, true},
-        {"fcproj forward (+bias)", [&](int v) { any_rows_gemm(v, y_c, NULL, x_h, w_ch, true, b_c, d_offsets, rows, E, C, H); },
+        {"fcproj forward (+bias)", [&](int v) { rows_gemm(v, y_c, NULL, x_h, w_ch, true, b_c, d_offsets, rows, E, C, H, 0); },
          [&]() { matmul_forward(y_c, x_h, w_ch, b_c, rows, H, C, 0); }, true},
-        {"fcproj backward dX", [&](int v) { any_rows_gemm(v, y_h, NULL, x_c, w_ch, false, NULL, d_offsets, rows, E, H, C); },
+        {"fcproj backward dX", [&](int v) { rows_gemm(v, y_h, NULL, x_c, w_ch, false, NULL, d_offsets, rows, E, H, C, 0); },
          [&]() { cublaslt_matmul(y_h, CUDA_FLOATX, H, w_ch, false, H, x_c, false, C, H, rows, C, NULL, 0.0f, 0); }, false},
-        {"fcproj backward dW", [&](int v) { any_weights_gemm(v, dw, x_c, x_h, d_offsets, E, C, H); },
+        {"fcproj backward dW", [&](int v) { weights_gemm(v, dw, x_c, x_h, d_offsets, E, C, H, 0); },
          [&]() { cublaslt_matmul(dw, CUDA_R_32F, H, x_h, false, H, x_c, true, C, H, C, rows, NULL, 1.0f, 0); }, false},
-        {"fc backward dX", [&](int v) { any_rows_gemm(v, y_c, NULL, x_h, w_hc, false, NULL, d_offsets, rows, E, C, H); },
+        {"fc backward dX", [&](int v) { rows_gemm(v, y_c, NULL, x_h, w_hc, false, NULL, d_offsets, rows, E, C, H, 0); },
          [&]() { cublaslt_matmul(y_c, CUDA_FLOATX, C, w_hc, false, C, x_h, false, H, C, rows, H, NULL, 0.0f, 0); }, false},
-        {"fc backward dW", [&](int v) { any_weights_gemm(v, dw, x_h, x_c, d_offsets, E, H, C); },
+        {"fc backward dW", [&](int v) { weights_gemm(v, dw, x_h, x_c, d_offsets, E, H, C, 0); },
          [&]() { cublaslt_matmul(dw, CUDA_R_32F, C, x_c, false, C, x_h, true, H, C, H, rows, NULL, 1.0f, 0); }, false},
     };
     double total_cublas = 0.0, forward_cublas = 0.0;

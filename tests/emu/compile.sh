@@ -8,7 +8,7 @@
 set -u
 source=$1 precision=$2 binary=$3
 shift 3
-flags=(-DENABLE_WGMMA)  # the dev/cuda studies' wgmma versions too (dev/cuda/Makefile for sm_90a)
+flags=(-DENABLE_WGMMA)  # version 3 of the expert GEMMs too (the Makefiles define it for sm_90a)
 if [ "$precision" = FP32 ]; then flags+=(-DENABLE_FP32); fi
 exec "${CXX:-g++}" -x c++ -std=c++17 -O2 -fno-strict-aliasing -w -fopenmp "${flags[@]}" "$@" \
     -include "$(cd "$(dirname "$0")" && pwd)/cuda_emu.h" -o "$binary" "$source"

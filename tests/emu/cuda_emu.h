@@ -34,7 +34,7 @@ What is emulated, faithfully enough for the kernels' logic:
     the forward order, so a tile read before its wait is still NaN, and at its issue in the
     reverse order); shared addresses are offsets into the block's dynamic shared memory,
     checked for bounds and 16-byte alignment.
-  - Hopper's wgmma (dev/cuda/wgmma.cuh): wgmma.mma_async m64nNk16 bf16 -> fp32 with both
+  - Hopper's wgmma (kernels/wgmma.cuh): wgmma.mma_async m64nNk16 bf16 -> fp32 with both
     operands in shared memory through matrix descriptors (the layouts without swizzling,
     K-major or MN-major), reading the shared memory at its issue in the forward order and at its
     wgmma.wait_group in the reverse order (so an operand refilled before the wait shows up as a
@@ -798,7 +798,7 @@ static void cp_async_wait(int pending) {
     q.issued.erase(q.issued.begin(), q.issued.begin() + done);
 }
 
-// --- Hopper's warpgroup MMA (dev/cuda/wgmma.cuh), sm_90a ---
+// --- Hopper's warpgroup MMA (kernels/wgmma.cuh), sm_90a ---
 // A warpgroup is 4 consecutive warps (128 threads) of the block; its wgmma instructions must be
 // executed by all of them, with the same operands. The emulation checks that the block is made of
 // whole warpgroups, and at each wgmma.mma_async that the whole warp is there and gives the same

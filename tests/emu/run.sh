@@ -211,8 +211,11 @@ sanitizer_found() {
 # recompute them (the default). head128_99KiB: the largest head size the attention kernels
 # take (C/NH = 128, their most shared memory per block) on a device with the 99 KiB per block of
 # sm_86 and sm_89 (RTX 30 and 40 series, A10, L4, L40), the least of the GPUs train_moe runs on.
+# top2_wgmma: top2 with version 3 of the expert GEMMs (--expert-gemm 3; 128 KiB of shared memory
+# per block).
 SCALE_CONFIGS="dense|FP32 BF16|-m 2:768:12:1024 -e 1 -b 64 -s 1 -g 3 -r 0
 top2|FP32 BF16|-m 2:768:12:1024 -e 8 -k 2 -b 64
+top2_wgmma|BF16|-m 2:768:12:1024 -e 8 -k 2 -b 64 --expert-gemm 3
 capacity|BF16|-m 2:768:12:1024 -e 8 -k 2 -b 16 -d 32768 --capacity-factor 1.25 --capacity-priority score --z-loss 0.001
 expert_choice|BF16|-m 2:768:12:1024 -e 8 -k 2 -b 16 --router expert --capacity-factor 1
 fine|BF16|-m 2:768:12:1024 -e 64 -k 8 --granularity 8 --moe-layers all -b 16
@@ -320,6 +323,12 @@ bias_kernel_report() {
 }
 
 ORDERS="forward reverse"
+# version 3 of the expert GEMMs (wgmma), which the engine takes only when asked (--expert-gemm 3):
+# two of the configs again with it, BF16, in the forward order (dropless top-2 with the aux and z
+# losses; a capacity that drops, so that experts hold few rows or none). The kernels' own races
+# are looked for in both orders by the study (dev/cuda/expert_mlp.cu), and a sampled full-size
+# run (SCALE_CONFIGS, top2_wgmma) checks their launches at GPT-2's shapes.
+WGMMA_CONFIGS="e8_k2_renorm0_aux_z e8_k2_capacity1_drops"
 # the log and check prefix of each order's runs
 tag() { [ "$1" = forward ] && echo "" || echo ".$1"; }
 prefix() { [ "$1" = forward ] && echo "emu." || echo "emu.$1."; }
@@ -336,6 +345,14 @@ for order in $ORDERS; do
                     -m "$STATES/dense.bin" -i "$STATES/shard.bin" $GEOMETRY $(cat "$options_file") &
             done
             throttle; run "$order" "$OUT/invariants.$precision$t.out" "$bin" invariants "$STATES/dense.bin" "$STATES/shard.bin" &
+            if [ "$precision" = BF16 ] && [ "$order" = forward ]; then
+                for name in $WGMMA_CONFIGS; do
+                    throttle
+                    # shellcheck disable=SC2046,SC2086
+                    run "$order" "$OUT/$name.wgmma.$precision$t.out" "$bin" reference "$name.wgmma" "$STATES/$name.state" "$STATES/$name.ref.bin" -- \
+                        -m "$STATES/dense.bin" -i "$STATES/shard.bin" $GEOMETRY $(cat "$STATES/$name.options") --expert-gemm 3 &
+                done
+            fi
         fi
         for name in $STUDIES; do
             study=$(binary "$name" "$precision" "$order")
@@ -438,6 +455,12 @@ for order in $ORDERS; do
                 report "$OUT/$name.$precision$t.out" "$p" "$p$name.$precision"
             done
             report "$OUT/invariants.$precision$t.out" "$p" "${p}invariants.$precision"
+            if [ "$precision" = BF16 ] && [ "$order" = forward ]; then
+                for name in $WGMMA_CONFIGS; do
+                    grep -E '^SKIP ' "$OUT/$name.wgmma.$precision$t.out" | sed -E "s/^SKIP /SKIP $p/"
+                    report "$OUT/$name.wgmma.$precision$t.out" "$p" "$p$name.wgmma.$precision"
+                done
+            fi
         fi
         if [ "$order" = reverse ]; then
             for log in "$OUT"/*."$precision".out; do
@@ -458,6 +481,22 @@ while IFS='|' read -r name precisions options environment; do
     done
 done <<< "$SCALE_CONFIGS"
 [ -x "$(binary train_moe BF16 forward)" ] && scale_oom_report
+# --expert-gemm 3 where version 3 cannot run (an FP32 build): one clear line, exit status 1,
+# before the first step, nothing in the output directory
+bin=$(binary train_moe FP32 forward)
+if [ -x "$bin" ]; then
+    rm -rf "$OUT/expert_gemm_fp32"
+    # shellcheck disable=SC2086
+    EMU_ORDER=forward "$bin" -m "$STATES/dense.bin" -i "$STATES/shard.bin" $GEOMETRY -e 4 -k 2 --expert-gemm 3 -o "$OUT/expert_gemm_fp32" \
+        > "$OUT/expert_gemm_fp32.out" 2>&1
+    rc=$?
+    stop=$(grep -c 'expert_mlp: version 3 (tensor cores) needs a BF16 build' "$OUT/expert_gemm_fp32.out")
+    if [ $rc -eq 1 ] && [ "$stop" -eq 1 ] && [ -z "$(ls -A "$OUT/expert_gemm_fp32" 2>/dev/null)" ] && ! grep -q -E '^step ' "$OUT/expert_gemm_fp32.out"; then
+        echo "PASS emu.train_moe.FP32.expert_gemm_3_refused: exit 1 before any step, nothing written: $(grep 'expert_mlp:' "$OUT/expert_gemm_fp32.out" | cut -c1-160)"
+    else
+        echo "FAIL emu.train_moe.FP32.expert_gemm_3_refused: exit $rc (expected 1, one line saying version 3 needs a BF16 build, nothing written): $(tail -n 2 "$OUT/expert_gemm_fp32.out" | tr '\n' ' ' | cut -c1-200)"
+    fi
+fi
 if [ -x "$(binary train_moe FP32 forward)" ] && [ -x ./train_moe_cpu ]; then
     failed=$(report "$OUT/same_run.FP32.out" "" "emu.train_moe.FP32.same_run_as_twin")
     if [ -n "$failed" ]; then

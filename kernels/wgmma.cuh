@@ -1,6 +1,6 @@
 /*
-Hopper's warpgroup MMA (wgmma, sm_90a) through inline PTX, for the kernel studies that try it
-(dev/cuda/expert_mlp.cu, version 3). Nothing in the engine uses it yet.
+Hopper's warpgroup MMA (wgmma, sm_90a) through inline PTX, for version 3 of the expert GEMMs
+(kernels/expert_mlp.cuh, studied in dev/cuda/expert_mlp.cu).
 
 A warpgroup is four consecutive warps (128 threads). wgmma.mma_async m64nNk16 computes
 D (64 x N, fp32, in registers) += A (64 x 16, bf16) B (16 x N, bf16) with both operands read by
@@ -28,11 +28,23 @@ the m16n8 layout of mma.sync (kernels/mma.cuh) repeated across N.
 Shared memory written by cp.async is seen by wgmma (the "async proxy") only after
 fence.proxy.async: each thread fences its own completed copies, then the block barrier.
 The CPU emulation (tests/emu) runs these instructions with the semantics written here.
+
+Only an sm_90a target has these instructions. A binary built for several targets (GPU_ARCHS="80
+90") compiles this code for each: in a device pass for another target every helper below is
+__trap() instead, and the host never launches a kernel that uses them on such a GPU
+(expert_wgmma_here, kernels/expert_mlp.cuh).
 */
 #pragma once
 
 #include <cstdint>
-#include "../../kernels/common.cuh"
+#include "common.cuh"
+
+// whether this compilation pass has wgmma: the host pass (and the CPU emulation) and sm_90a's
+#if !defined(__CUDA_ARCH__) || defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define WGMMA_IN_THIS_PASS 1
+#else
+#define WGMMA_IN_THIS_PASS 0
+#endif
 
 // an operand without swizzling at smem (16-byte aligned), its core matrices lbo bytes apart
 // along k and sbo bytes apart along m (or n)
@@ -42,16 +54,40 @@ __device__ __forceinline__ uint64_t wgmma_descriptor(const void* smem, uint32_t 
 }
 
 // before the first wgmma of a batch: orders the warpgroup's earlier accesses to the accumulators
-__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_fence() {
+#if WGMMA_IN_THIS_PASS
+    asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#else
+    __trap();
+#endif
+}
 
-__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() {
+#if WGMMA_IN_THIS_PASS
+    asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+#else
+    __trap();
+#endif
+}
 
 // wait until at most N of this warpgroup's committed groups are still running
 template <int N>
-__device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory"); }
+__device__ __forceinline__ void wgmma_wait() {
+#if WGMMA_IN_THIS_PASS
+    asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+#else
+    __trap();
+#endif
+}
 
 // cp.async's completed writes to shared memory made visible to the tensor cores' reads
-__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+__device__ __forceinline__ void fence_proxy_async() {
+#if WGMMA_IN_THIS_PASS
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#else
+    __trap();
+#endif
+}
 
 // keeps the compiler from moving accesses to the 64 accumulators across this point (they are
 // written by the tensor cores behind its back until wgmma_wait). The operand lists here and
@@ -74,6 +110,7 @@ __device__ __forceinline__ void wgmma_fence_accumulators(float d[64]) {
 // K-major (TRANS 0) or MN-major (TRANS 1)
 template <int TRANS_A, int TRANS_B>
 __device__ __forceinline__ void wgmma_m64n128k16(float d[64], uint64_t desc_a, uint64_t desc_b, int scale_d) {
+#if WGMMA_IN_THIS_PASS
     asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
                  "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {"
                  "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
@@ -90,4 +127,7 @@ __device__ __forceinline__ void wgmma_m64n128k16(float d[64], uint64_t desc_a, u
                    "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
                    "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
                  : "l"(desc_a), "l"(desc_b), "r"(scale_d), "n"(TRANS_A), "n"(TRANS_B));
+#else
+    __trap();
+#endif
 }
