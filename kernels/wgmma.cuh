@@ -17,8 +17,11 @@ m (A) or n (B) SBO bytes further. Inside a core matrix, either
     (rows, K) or a weight W (N, K) lies in memory; or
   - MN-major (imm-trans 1, bf16 and f16 only): 8 rows of k, each 8 consecutive m (or n), the
     way a weight W (K, N) or, for a weight gradient, the activations (rows = k, M) lie.
-(CUTLASS writes these "INTERLEAVE" layouts as ((8,m),(T,2)):((1T,SBO),(1,LBO)) K-major and
-((T,1,m),(8,k)):((1,T,SBO),(1T,LBO)) MN-major, T = 8 bf16.)
+(CUTLASS and the PTX ISA's "Canonical Layouts" write these as ((8,m),(T,2k)):((1T,SBO),(1,LBO))
+K-major and ((T,1,m),(8,k)):((1,T,SBO),(1T,LBO)) MN-major, T = 8 bf16.) Without swizzling, LBO
+runs along k and SBO along m or n in both majors: the PTX ISA's worked example "MN major,
+no-swizzling and bf16", ((8,1,2),(8,2)):((1,8,64),(8,128)), has LBO = 128 elements along k and
+SBO = 64 along n. The swizzled MN-major layouts swap the two, a trap for the next version.
 
 Accumulators of m64nNk16 (PTX ISA, "wgmma .m64nNk16 register fragment layout for accumulator
 matrix D"): with w the warp in the warpgroup, g = lane / 4, c = lane % 4, a thread holds N/2
