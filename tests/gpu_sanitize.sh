@@ -9,7 +9,9 @@
 #              mask leaves out a lane that calls it).
 # Each runs `test_moe reference` (the forward, the backward, 10 steps and the forced-routing
 # pass) on the small test model, in both precisions: memcheck on two configs (top-2 with a
-# capacity that drops, on every other layer; expert choice), racecheck and synccheck on the first.
+# capacity that drops, on every other layer; expert choice), racecheck and synccheck on the first;
+# and on an sm_90 GPU memcheck on the first again with version 3 of the expert GEMMs
+# (--expert-gemm 3, Hopper's wgmma; BF16 only, the precision it exists in).
 # The runs go at once (tests/gpu_tests.sh starts this script beside its own runs); each takes
 # seconds to a minute.
 #
@@ -29,7 +31,15 @@ cd "$(dirname "$0")/.." || exit 1
 STATES=$1
 DIR=$STATES/sanitize
 LIMIT=${SANITIZE_LIMIT_S:-150}
+# TOOL:CONFIG, or TOOL:CONFIG:wgmma for a BF16 run with --expert-gemm 3 (an sm_90 GPU only)
 RUNS="memcheck:e8_k2_capacity1_drops memcheck:e4_expert_choice racecheck:e8_k2_capacity1_drops synccheck:e8_k2_capacity1_drops"
+if [ "$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -n 1)" = 9.0 ]; then
+    RUNS="$RUNS memcheck:e8_k2_capacity1_drops:wgmma"
+fi
+# an entry's parts: its tool, its config, and the name of its logs and line (CONFIG or CONFIG.wgmma)
+tool_of() { echo "${1%%:*}"; }
+config_of() { local rest=${1#*:}; echo "${rest%%:*}"; }
+name_of() { case $1 in *:wgmma) echo "$(config_of "$1").wgmma" ;; *) config_of "$1" ;; esac; }
 
 find_sanitizer() {
     local candidate
@@ -41,13 +51,17 @@ find_sanitizer() {
     done
 }
 
-# run TOOL CONFIG PRECISION: test_moe under the tool, into $DIR/TOOL.CONFIG.PRECISION.out and .rc
+# run ENTRY PRECISION: test_moe under the entry's tool, into $DIR/TOOL.NAME.PRECISION.out and .rc
 run() {
-    local tool=$1 name=$2 precision=$3 log=$DIR/$1.$2.$3 t0=$SECONDS
-    # shellcheck disable=SC2046
+    local tool name config precision=$2 log extra=""
+    tool=$(tool_of "$1") config=$(config_of "$1") name=$(name_of "$1")
+    log=$DIR/$tool.$name.$precision
+    [ "$name" != "$config" ] && extra="--expert-gemm 3"
+    local t0=$SECONDS
+    # shellcheck disable=SC2046,SC2086
     timeout --kill-after=10 "$LIMIT" "$SANITIZER" --tool "$tool" --error-exitcode 99 --print-limit 20 \
-        "$STATES/cuda_$precision/test_moe" reference "$name" "$STATES/$name.state" "$STATES/$name.ref.bin" -- \
-        -m "$STATES/dense.bin" -i "$STATES/shard.bin" -b 4 -t 16 $(cat "$STATES/$name.options") > "$log.out" 2>&1
+        "$STATES/cuda_$precision/test_moe" reference "$name" "$STATES/$config.state" "$STATES/$config.ref.bin" -- \
+        -m "$STATES/dense.bin" -i "$STATES/shard.bin" -b 4 -t 16 $(cat "$STATES/$config.options") $extra > "$log.out" 2>&1
     echo "$? $((SECONDS - t0))" > "$log.rc"
 }
 
@@ -82,13 +96,14 @@ mkdir -p "$DIR"
 for precision in FP32 BF16; do
     [ -x "$STATES/cuda_$precision/test_moe" ] || continue
     for entry in $RUNS; do
-        [ -f "$STATES/${entry#*:}.options" ] && run "${entry%%:*}" "${entry#*:}" "$precision" &
+        case $entry in *:wgmma) [ "$precision" = BF16 ] || continue ;; esac
+        [ -f "$STATES/$(config_of "$entry").options" ] && run "$entry" "$precision" &
     done
 done
 wait
 for precision in FP32 BF16; do
     for entry in $RUNS; do
-        log=$DIR/${entry%%:*}.${entry#*:}.$precision
-        [ -f "$log.rc" ] && report_run "$log" "gpu_sanitize.${entry%%:*}[${entry#*:}.$precision]"
+        log=$DIR/$(tool_of "$entry").$(name_of "$entry").$precision
+        [ -f "$log.rc" ] && report_run "$log" "gpu_sanitize.$(tool_of "$entry")[$(name_of "$entry").$precision]"
     done
 done
