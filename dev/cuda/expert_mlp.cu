@@ -71,19 +71,6 @@ static bool version_applies(int version, int C, int H) {
 #endif
 }
 
-// the engine's forward and backward in one version
-static void forward(int version, floatX* out, floatX* fch, floatX* fch_gelu, const floatX* inp, const int* expert_offsets, int max_rows,
-                    const floatX* fcw, const floatX* fcb, const floatX* fcprojw, const floatX* fcprojb, int E, int C, int H) {
-    expert_mlp_forward(out, fch, fch_gelu, inp, expert_offsets, max_rows, fcw, fcb, fcprojw, fcprojb, E, C, H, 0, version);
-}
-
-static void backward(int version, floatX* dinp, float* dfcw, float* dfcb, float* dfcprojw, float* dfcprojb, floatX* dfch, floatX* dfch_gelu,
-                     const floatX* dout, const floatX* inp, const floatX* fch, const floatX* fch_gelu, const int* expert_offsets, int max_rows,
-                     const floatX* fcw, const floatX* fcprojw, int E, int C, int H) {
-    expert_mlp_backward(dinp, dfcw, dfcb, dfcprojw, dfcprojb, dfch, dfch_gelu, dout, inp, fch, fch_gelu, expert_offsets, max_rows, fcw,
-                        fcprojw, E, C, H, 0, version);
-}
-
 struct Shape {
     const char* name;
     int E, C, H;
@@ -181,7 +168,7 @@ static void validate_shape(const Shape& sh, int first, int last) {
         cudaCheck(cudaMemset(d_out, 0xff, (size_t)max_rows * C * sizeof(floatX)));  // NaN where nothing is written
         cudaCheck(cudaMemset(d_fch, 0xff, (size_t)max_rows * H * sizeof(floatX)));
         cudaCheck(cudaMemset(d_fch_gelu, 0xff, (size_t)max_rows * H * sizeof(floatX)));
-        forward(version, d_out, d_fch, d_fch_gelu, d_inp, d_offsets, max_rows, d_fcw, d_fcb, d_fcprojw, d_fcprojb, E, C, H);
+        expert_mlp_forward(d_out, d_fch, d_fch_gelu, d_inp, d_offsets, max_rows, d_fcw, d_fcb, d_fcprojw, d_fcprojb, E, C, H, 0, version);
         cudaCheck(cudaDeviceSynchronize());
         snprintf(name, sizeof(name), "expert_mlp_forward out v%d [%s]", version, shape);
         check_close(name, to_host(d_out, (size_t)rows * C), out_ref, 1e-5, 2e-2);
@@ -206,8 +193,8 @@ static void validate_shape(const Shape& sh, int first, int last) {
             for (int t = 0; t < 4; t++) {
                 cudaCheck(cudaMemcpy(d_grads[t], starts[t]->data(), starts[t]->size() * sizeof(float), cudaMemcpyHostToDevice));
             }
-            backward(version, d_dinp, d_dfcw, d_dfcb, d_dfcprojw, d_dfcprojb, d_dfch, d_dfch_gelu, d_dout, d_inp, d_fch, d_fch_gelu, d_offsets,
-                     max_rows, d_fcw, d_fcprojw, E, C, H);
+            expert_mlp_backward(d_dinp, d_dfcw, d_dfcb, d_dfcprojw, d_dfcprojb, d_dfch, d_dfch_gelu, d_dout, d_inp, d_fch, d_fch_gelu,
+                                d_offsets, max_rows, d_fcw, d_fcprojw, E, C, H, 0, version);
             cudaCheck(cudaDeviceSynchronize());
             runs[run] = to_host(d_dinp, (size_t)rows * C);
             for (int t = 0; t < 4; t++) {
