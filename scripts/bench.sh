@@ -10,6 +10,8 @@
 # builds llm.c's train_gpt2cu for this GPU and times it at the same shape, batch and data:
 # design.md's first target is a dense train_moe at least as fast. llm.c is built with nvcc
 # directly (bf16, no cuDNN, no MPI or NCCL), with scripts/llmc_cuda13.h for CUDA 13.
+# Exit status 1 when a train_moe run stops before its first step (its row says why); llm.c's and
+# the reference's rows only report.
 # Usage: scripts/bench.sh [OUTFILE]   (B=8 STEPS=30 by default; needs the Tiny Shakespeare shards)
 #        LLMC=path/to/llm.c scripts/bench.sh --build-llmc   (only builds llm.c's train_gpt2cu, for
 #        sm_90 where there is no GPU to ask: scripts/gpu_prebuild.sh)
@@ -46,6 +48,7 @@ DATA=dev/data/tinyshakespeare/tiny_shakespeare_train.bin
 [ -x ./train_moe ] || make -s train_moe || exit 1
 PYTHON=${PYTHON:-python3}
 rm -f /tmp/bench_*.log  # each train_moe run's log, from this run only
+status=0                # 1 when a train_moe run did not train (its row says why)
 
 # llm.c's dense GPT-2 124M from scratch (-e d12) at the same B, T and data: one table row
 llmc_row() {
@@ -78,6 +81,11 @@ llmc_row() {
         # shellcheck disable=SC2086
         log=$(./train_moe -m d12 $options -i "$DATA" -j "$DATA" -b "$B" -t 1024 -x "$STEPS" -v 0 --val-steps 1 -s 0 --stats-every 0 --breakdown 1 2>&1)
         echo "$log" > "/tmp/bench_$(echo "$name" | tr -c 'a-zA-Z0-9' _).log"
+        if ! echo "$log" | grep -q -E '^step +[0-9]+/'; then  # it stopped before its first step: say why, and fail
+            echo "| train_moe $name: did not train ($(echo "$log" | grep -v '^ *$' | tail -n 2 | tr '\n' ' ' | cut -c1-160 | sed 's/ *$//')) | | | | |"
+            status=1
+            continue
+        fi
         ms=$(echo "$log" | median ms)
         tps=$(echo "$log" | median tok/s)
         peak=$(echo "$log" | grep -o 'peak memory [0-9.]* GiB' | head -n 1 | awk '{print $3 " GiB"}')
@@ -102,3 +110,4 @@ llmc_row() {
         echo '```'
     done
 } > "$OUTFILE"
+exit $status

@@ -15,6 +15,8 @@
 # With GPU_PREBUILT=ARCHIVE (scripts/gpu_prebuild.sh's, made on a machine without a GPU and
 # carried here), every part takes its binaries instead of compiling, where they were built from
 # these very sources and start on this machine; else the build part builds as usual.
+# scripts/gpu_prepare.sh makes that archive and the data ready for a GPU machine that gets a copy
+# of this checkout, and prints the one call that runs this check there.
 # Each part has a time limit (LIMIT_S=N sets them all), and DEADLINE_S=N bounds the whole check
 # (see part below).
 # Usage: scripts/gpu_check.sh OUTDIR [PART...] (default: all five, in this order). Writes
@@ -40,7 +42,9 @@ status=0
     echo
     nvidia-smi --query-gpu=name,memory.total,driver_version,compute_cap --format=csv,noheader 2>&1 | sed 's/^/GPU: /'
     echo "nvcc: $(nvcc --version | tail -n 2 | head -n 1)"
-    echo "git: $(git rev-parse --short HEAD 2>/dev/null)"
+    # which code: git's commit where there is a .git (a device call's copy has none), and always the
+    # checksum of the sources the binaries are built from (scripts/gpu_prebuild.sh's)
+    echo "sources: $(bash scripts/gpu_prebuild.sh --sources-checksum)$(git rev-parse --short HEAD 2>/dev/null | sed 's/^/, git commit /')"
     echo
     echo "| part | result | seconds |"
     echo "|---|---|---|"

@@ -349,6 +349,73 @@ else
     fail gpu_check_deadline "exit $deadline_rc after $deadline_s s, rows: $rows"
 fi
 
+# scripts/gpu_prepare.sh (what one device call carries, made where there is no GPU), in a copy of
+# the sources holding an archive of stand-ins packed from them (so nothing is built: NVCC=false
+# fails any build) and a stand-in llm.c: it copies the data in, prepares the shards, keeps the
+# archive, and prints a call whose carry paths all exist and whose command, run here on its build
+# and studies parts, takes the archive; llm.c outside the checkout, and more than 64 MiB to
+# carry, are refused
+PREP=$TMP/gpu_prepare
+shared=$(cd "${SHARED_DATA:-../shared/data}" 2>/dev/null && pwd)
+if [ -z "$shared" ] || [ ! -f "$shared/tinyshakespeare.txt" ] || [ ! -f "$shared/gpt2/vocab.bpe" ]; then
+    echo "SKIP gpu_prepare: no Tiny Shakespeare and GPT-2 BPE files in ${SHARED_DATA:-../shared/data} (SHARED_DATA)"
+else
+    mkdir -p "$PREP/tree/tests" "$PREP/tree/dev/cuda" "$PREP/tree/dev/data" "$PREP/tree/scripts" "$PREP/tree/.llmc"
+    cp -r Makefile train_moe.cu test_moe.cu train_moe_cpu.cpp common kernels "$PREP/tree/"
+    cp tests/test_common.h "$PREP/tree/tests/"
+    cp dev/cuda/Makefile dev/cuda/*.cu dev/cuda/*.cuh dev/cuda/run_all.sh "$PREP/tree/dev/cuda/"
+    cp dev/data/prepare.py "$PREP/tree/dev/data/"
+    cp scripts/gpu_prepare.sh scripts/gpu_check.sh scripts/gpu_prebuild.sh "$PREP/tree/scripts/"
+    touch "$PREP/tree/.llmc/train_gpt2.cu"
+    printf '#!/bin/sh\necho "stand-in llm.c"\n' > "$PREP/tree/.llmc/train_gpt2cu_bench"
+    chmod +x "$PREP/tree/.llmc/train_gpt2cu_bench"
+    (cd "$PREP/tree" && bash scripts/gpu_prebuild.sh --pack "$GPUC/stubs" .gpu_build.tar.gz)
+    prep_out=$(cd "$PREP/tree" && NVCC=false SHARED_DATA=$shared LLMC=.llmc bash scripts/gpu_prepare.sh 2>&1)
+    prep_rc=$?
+    carried=$(echo "$prep_out" | sed -n 's/^  carry: *\[\(.*\)\]$/\1/p' | tr -d '",')
+    missing=""
+    for path in $carried; do [ -e "$PREP/tree/$path" ] || missing="$missing $path"; done
+    command=$(echo "$prep_out" | sed -n 's/^  command: *//p')
+    (cd "$PREP/tree" && OUT=$PREP/check NVCC=false eval "$command build studies") > /dev/null 2>&1
+    command_rc=$?
+    prep_studies=$(grep -c '^PASS stand-in dev_cuda/' "$PREP/check/dev_cuda.log" 2>/dev/null)
+    outside=$(cd "$PREP/tree" && NVCC=false SHARED_DATA=$shared LLMC=/tmp/llm.c bash scripts/gpu_prepare.sh 2>&1)
+    outside_rc=$?
+    truncate -s 65M "$PREP/tree/.llmc/big"  # sparse: 65 MiB long, no disk
+    big=$(cd "$PREP/tree" && NVCC=false SHARED_DATA=$shared LLMC=.llmc bash scripts/gpu_prepare.sh 2>&1)
+    big_rc=$?
+    if [ "$prep_rc" -eq 0 ] && echo "$prep_out" | grep -q 'was built from these sources .*: kept' && [ "$(echo "$carried" | wc -w)" = 4 ] && [ -z "$missing" ] &&
+       [ -s "$PREP/tree/dev/data/tinyshakespeare/tiny_shakespeare_train.bin" ] && [ -f "$PREP/tree/.shared_data/gpt2/encoder.json" ] &&
+       [ "$command_rc" -eq 0 ] && grep -q '^| prebuilt .* | PASS |' "$PREP/check/report.md" && [ "$prep_studies" = $((2 * $(ls dev/cuda/*.cu | wc -l))) ] &&
+       [ "$outside_rc" -eq 1 ] && [[ "$outside" == *"give a folder inside this checkout"* ]] &&
+       [ "$big_rc" -eq 1 ] && [[ "$big" == *"more than the 64 MiB one device call carries"* ]]; then
+        pass gpu_prepare "the carry list ($carried) made and all there, the archive of these sources kept; the printed command took it and ran its $prep_studies studies; llm.c outside the checkout refused, and $(echo "$big" | grep -o '[0-9]* MiB, more than' | cut -d, -f1) to carry"
+    else
+        fail gpu_prepare "exit $prep_rc, carry: $carried (missing:${missing:- none}); the command: exit $command_rc, $prep_studies studies; outside: exit $outside_rc; 66 MiB: exit $big_rc; $(echo "$prep_out" | tail -n 2 | tr '\n' ' ' | cut -c1-200)"
+    fi
+fi
+
+# scripts/bench.sh fails when a train_moe run stops before its first step (on a GPU: a launch error,
+# too little memory) and says why in that run's row; one that trains gives its figures and passes.
+# Here a stand-in train_moe that stops, then one that prints 8 step lines as the engine does
+BENCH=$TMP/bench
+mkdir -p "$BENCH/scripts" "$BENCH/dev/data/tinyshakespeare"
+cp scripts/bench.sh "$BENCH/scripts/"
+touch "$BENCH/dev/data/tinyshakespeare/tiny_shakespeare_train.bin"
+printf '#!/bin/sh\necho "error: out of GPU memory (stand-in)"\nexit 1\n' > "$BENCH/train_moe"
+chmod +x "$BENCH/train_moe"
+(cd "$BENCH" && PYTHON=false bash scripts/bench.sh "$BENCH/stopped.md" > /dev/null 2>&1)
+stopped_rc=$?
+printf '#!/bin/sh\nfor i in 1 2 3 4 5 6 7 8; do echo "step    $i/8 | loss 10.8 | norm 1.5000 | lr 3.00e-04 | 12$i.0 ms | 6553$i tok/s | 5000.0 GFLOP/s | MFU 40.$i%%"; done\n' > "$BENCH/train_moe"
+(cd "$BENCH" && PYTHON=false bash scripts/bench.sh "$BENCH/trained.md" > /dev/null 2>&1)
+trained_rc=$?
+if [ "$stopped_rc" -eq 1 ] && [ "$(grep -c '^| train_moe .*: did not train (error: out of GPU memory (stand-in)) |' "$BENCH/stopped.md")" -ge 3 ] &&
+   [ "$trained_rc" -eq 0 ] && [ "$(grep -c '^| train_moe .* | 127.0 | 65537 | 40.7% |' "$BENCH/trained.md")" -ge 3 ]; then
+    pass bench_exit_status "a train_moe that stops fails the benchmark, each row saying why; one that trains passes, with its medians over the steps after the first 5 (steps 6 to 8 of a stand-in: step 7's 127.0 ms, 65537 tok/s, MFU 40.7%)"
+else
+    fail bench_exit_status "stopped: exit $stopped_rc, $(grep -m 1 '^| train_moe' "$BENCH/stopped.md" | cut -c1-120); trained: exit $trained_rc, $(grep -m 1 '^| train_moe' "$BENCH/trained.md" | cut -c1-120)"
+fi
+
 # tests/gpu_sanitize.sh (compute-sanitizer over test_moe, on a GPU machine) reads the tool's verdicts
 # right: here stand-ins for the tool and for test_moe. memcheck finds nothing (PASS, except where the
 # stand-in test_moe fails a check under it), racecheck reports a hazard, synccheck hangs past the
