@@ -298,11 +298,18 @@ fi
 # sources' checksum is taken, and the studies run from it with no build (NVCC=false: any build
 # would fail); once a source changes, the archive is refused and the build part builds
 GPUC=$TMP/gpu_check_prebuilt
-mkdir -p "$GPUC/tree/tests" "$GPUC/tree/dev/cuda" "$GPUC/tree/scripts" "$GPUC/stubs/FP32" "$GPUC/stubs/BF16"
-cp -r Makefile train_moe.cu test_moe.cu train_moe_cpu.cpp common kernels "$GPUC/tree/"
-cp tests/test_common.h "$GPUC/tree/tests/"
-cp dev/cuda/Makefile dev/cuda/*.cu dev/cuda/*.cuh dev/cuda/run_all.sh "$GPUC/tree/dev/cuda/"
-cp scripts/gpu_check.sh scripts/gpu_prebuild.sh "$GPUC/tree/scripts/"
+# gpu_scripts_tree DIR: a copy of what the GPU scripts read (the sources whose checksum
+# scripts/gpu_prebuild.sh records, the studies' runner, the data script, the scripts themselves)
+gpu_scripts_tree() {
+    mkdir -p "$1/tests" "$1/dev/cuda" "$1/dev/data" "$1/scripts"
+    cp -r Makefile train_moe.cu test_moe.cu train_moe_cpu.cpp common kernels "$1/"
+    cp tests/test_common.h "$1/tests/"
+    cp dev/cuda/Makefile dev/cuda/*.cu dev/cuda/*.cuh dev/cuda/run_all.sh "$1/dev/cuda/"
+    cp dev/data/prepare.py "$1/dev/data/"
+    cp scripts/gpu_prepare.sh scripts/gpu_check.sh scripts/gpu_prebuild.sh "$1/scripts/"
+}
+gpu_scripts_tree "$GPUC/tree"
+mkdir -p "$GPUC/stubs/FP32" "$GPUC/stubs/BF16"
 for path in FP32/train_moe FP32/test_moe BF16/train_moe BF16/test_moe $(cd dev/cuda && for f in *.cu; do echo "dev_cuda/FP32/${f%.cu} dev_cuda/BF16/${f%.cu}"; done); do
     mkdir -p "$(dirname "$GPUC/stubs/$path")"
     printf '#!/bin/sh\necho "PASS stand-in %s"\n' "$path" > "$GPUC/stubs/$path"
@@ -360,12 +367,8 @@ shared=$(cd "${SHARED_DATA:-../shared/data}" 2>/dev/null && pwd)
 if [ -z "$shared" ] || [ ! -f "$shared/tinyshakespeare.txt" ] || [ ! -f "$shared/gpt2/vocab.bpe" ]; then
     echo "SKIP gpu_prepare: no Tiny Shakespeare and GPT-2 BPE files in ${SHARED_DATA:-../shared/data} (SHARED_DATA)"
 else
-    mkdir -p "$PREP/tree/tests" "$PREP/tree/dev/cuda" "$PREP/tree/dev/data" "$PREP/tree/scripts" "$PREP/tree/.llmc"
-    cp -r Makefile train_moe.cu test_moe.cu train_moe_cpu.cpp common kernels "$PREP/tree/"
-    cp tests/test_common.h "$PREP/tree/tests/"
-    cp dev/cuda/Makefile dev/cuda/*.cu dev/cuda/*.cuh dev/cuda/run_all.sh "$PREP/tree/dev/cuda/"
-    cp dev/data/prepare.py "$PREP/tree/dev/data/"
-    cp scripts/gpu_prepare.sh scripts/gpu_check.sh scripts/gpu_prebuild.sh "$PREP/tree/scripts/"
+    gpu_scripts_tree "$PREP/tree"
+    mkdir -p "$PREP/tree/.llmc"
     touch "$PREP/tree/.llmc/train_gpt2.cu"
     printf '#!/bin/sh\necho "stand-in llm.c"\n' > "$PREP/tree/.llmc/train_gpt2cu_bench"
     chmod +x "$PREP/tree/.llmc/train_gpt2cu_bench"
